@@ -1,0 +1,102 @@
+"""The storage contract every backend implements, and the MISSING sentinel.
+
+A backend is dumb storage: it does not know about namespaces, serialization, TTL
+defaults, statistics or leases; the :class:`~cachekit.Cache` facade owns all of that.
+Each method is one round trip to the server (per server for a client-side pool), so
+the facade can reason about cost, and each is idempotent where the operation allows.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, runtime_checkable
+
+__all__ = ["MISSING", "Backend", "KeyPolicy", "Missing"]
+
+
+class Missing(enum.Enum):
+    """Type of :data:`MISSING`; an enum so type checkers can narrow on ``is MISSING``."""
+
+    MISSING = "MISSING"
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return False
+
+
+#: Returned for a miss, so that ``None`` stays a cacheable value.
+MISSING: Final = Missing.MISSING
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """What a backend can store as a key without transformation.
+
+    The facade hashes any key that breaks the policy (see :mod:`cachekit.keys`); a
+    backend whose keys are arbitrary byte strings (Redis, memory) has no policy.
+    """
+
+    max_bytes: int
+    allow_whitespace: bool = False
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Key/value storage with batch variants and the atomic primitives leases need.
+
+    Keys are ``str``. Values are ``bytes`` unless :attr:`stores_objects` is true, in
+    which case the backend stores Python objects by reference. ``ttl`` is in seconds,
+    strictly positive, or ``None`` for no expiry; the facade resolves defaults.
+    Backends wrap their driver's errors in :class:`~cachekit.exceptions.BackendError`.
+    """
+
+    #: True when values are kept as Python objects (no serialization, no copies).
+    stores_objects: bool
+    #: Key restrictions the facade must satisfy, or ``None`` for any string.
+    key_policy: KeyPolicy | None
+
+    def get(self, key: str) -> Any:
+        """Return the stored value or :data:`MISSING`."""
+        ...
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        """Return the hits only, in one round trip (one per server for a pool)."""
+        ...
+
+    def set(self, key: str, value: Any, ttl: float | None) -> None:
+        """Store unconditionally."""
+        ...
+
+    def set_many(self, items: Mapping[str, Any], ttl: float | None) -> None:
+        """Store every item with one TTL, in one round trip (one per server for a pool)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the key if present; deleting an absent key is not an error."""
+        ...
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove every key that is present, in one round trip."""
+        ...
+
+    def add(self, key: str, value: Any, ttl: float | None) -> bool:
+        """Store only if the key is absent; return whether it was stored. Atomic."""
+        ...
+
+    def compare_and_set(self, key: str, expected: Any, value: Any, ttl: float | None) -> bool:
+        """Replace the value only if the key still holds ``expected``. Atomic.
+
+        ``expected`` matches by equality for bytes and by identity for stored objects.
+        Returns whether the new value was stored; an absent key never matches.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release connections the backend created itself (not an injected client's)."""
+        ...

@@ -1,0 +1,327 @@
+"""The Cache facade: namespaced keys, TTL defaults, serialization, stats and fail-open reads.
+
+Policy lives here and storage in the backend, so every strategy (cache-aside,
+read-through, write-through, the decorator) shares one implementation of each rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ParamSpec, TypeVar
+
+from cachekit.backends.base import MISSING, Backend
+from cachekit.decorators import CachedFunction, KeySpec, cached
+from cachekit.exceptions import CacheError, ConfigurationError, DecodeError
+from cachekit.keys import make_backend_key, validate_namespace
+from cachekit.markers import MARKER_BYTE, Marker
+from cachekit.serializers import JsonSerializer, Serializer
+from cachekit.stats import CacheStats, Counters
+from cachekit.ttl import TTL, USE_DEFAULT, UseDefault, to_seconds
+from cachekit.views import ReadThroughView, WriteThroughView
+
+__all__ = ["Cache"]
+
+logger = logging.getLogger("cachekit")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+_NONE_TTL_CAP = 30.0
+_LOG_INTERVAL = 10.0
+
+
+class Cache:
+    """One namespace of cached values over one backend.
+
+    Args:
+        backend: where entries live; see :mod:`cachekit.backends`.
+        namespace: prefixes every backend key, so caches sharing a server never collide.
+        ttl: default time to live; ``None`` keeps entries until evicted.
+        none_ttl: time to live of a loader's ``None`` result (negative caching); ``0``
+            disables it; by default the smaller of ``ttl`` and 30 seconds.
+        serializer: encodes values for network backends; ``JsonSerializer()`` by
+            default. Ignored by backends that store objects (memory).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        namespace: str = "default",
+        ttl: TTL = 300.0,
+        none_ttl: TTL | UseDefault = USE_DEFAULT,
+        serializer: Serializer | None = None,
+    ) -> None:
+        if not isinstance(backend, Backend):
+            raise ConfigurationError(
+                f"{backend!r} does not implement the cachekit Backend contract"
+            )
+        self.backend = backend
+        self.namespace = validate_namespace(namespace)
+        self.ttl = to_seconds(ttl)
+        self.none_ttl = self._none_ttl(none_ttl)
+        self.serializer: Serializer = serializer if serializer is not None else JsonSerializer()
+        if not isinstance(self.serializer, Serializer):
+            raise ConfigurationError(f"{serializer!r} does not implement dumps(value, key)/loads")
+        self._prefix = self.namespace + ":"
+        self._policy = backend.key_policy
+        self._objects = backend.stores_objects
+        self._backend_get = backend.get
+        self._counters = Counters()
+        self._last_log = float("-inf")
+
+    def _none_ttl(self, none_ttl: TTL | UseDefault) -> float | None:
+        if none_ttl is USE_DEFAULT:
+            return _NONE_TTL_CAP if self.ttl is None else min(self.ttl, _NONE_TTL_CAP)
+        if none_ttl == 0:
+            return 0.0
+        return to_seconds(none_ttl, what="none_ttl")
+
+    def __repr__(self) -> str:
+        return f"Cache({self.backend!r}, namespace={self.namespace!r}, ttl={self.ttl!r})"
+
+    # -- keys ---------------------------------------------------------------------------
+
+    def backend_key(self, key: str) -> str:
+        """Return ``key`` exactly as stored in the backend: namespaced, hashed if needed."""
+        if self._policy is None and type(key) is str:
+            return self._prefix + key
+        return make_backend_key(self._prefix, key, self._policy)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = MISSING) -> Any:
+        """Return the cached value, or ``default`` (:data:`MISSING`) on a miss.
+
+        Never raises because of the backend: a failing server is counted as an error
+        and answered as a miss.
+        """
+        value = self._lookup(self.backend_key(key))
+        return default if value is MISSING else value
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """Return ``{key: value}`` for the keys that hit, in one backend round trip."""
+        bkeys = {self.backend_key(key): key for key in keys}
+        found = self._lookup_many(list(bkeys))
+        return {bkeys[bkey]: value for bkey, value in found.items()}
+
+    def _lookup(self, bkey: str) -> Any:
+        """The hit path: one backend call, then decode; counts the outcome."""
+        try:
+            raw = self._backend_get(bkey)
+        except CacheError as exc:
+            self._read_failed(exc)
+            return MISSING
+        if raw is not MISSING:
+            # Object backends are checked inline: one call less on the hottest path.
+            if self._objects:
+                if type(raw) is not Marker:
+                    self._counters.hits += 1
+                    return raw
+            else:
+                value = self._decode(bkey, raw)
+                if value is not MISSING:
+                    self._counters.hits += 1
+                    return value
+        self._counters.misses += 1
+        return MISSING
+
+    def _lookup_many(self, bkeys: list[str]) -> dict[str, Any]:
+        if not bkeys:
+            return {}
+        try:
+            raw = self.backend.get_many(bkeys)
+        except CacheError as exc:
+            self._read_failed(exc, count=len(bkeys))
+            return {}
+        found = {}
+        for bkey, data in raw.items():
+            value = self._decode(bkey, data)
+            if value is not MISSING:
+                found[bkey] = value
+        self._counters.hits += len(found)
+        self._counters.misses += len(bkeys) - len(found)
+        return found
+
+    def _decode(self, bkey: str, raw: Any) -> Any:
+        """Turn a stored entry into a value; markers and bad entries become MISSING."""
+        if self._objects:
+            return MISSING if type(raw) is Marker else raw
+        if raw[:1] == MARKER_BYTE:
+            return MISSING
+        try:
+            return self.serializer.loads(raw, bkey)
+        except DecodeError as exc:
+            self._counters.decode_errors += 1
+            self._log(f"dropping undecodable entry {bkey!r}: {exc}")
+            try:
+                self.backend.delete(bkey)
+            except CacheError as delete_exc:
+                self._read_failed(delete_exc, count=0)
+            return MISSING
+
+    def _read_failed(self, exc: CacheError, *, count: int = 1) -> None:
+        self._counters.errors += 1
+        self._counters.misses += count
+        self._log(f"cache read failed, falling through to the loader: {exc!r}")
+
+    def _log(self, message: str) -> None:
+        # At most one line per interval: a dead server must not flood the logs.
+        now = time.monotonic()
+        if now - self._last_log >= _LOG_INTERVAL:
+            self._last_log = now
+            logger.warning("%s (namespace %s)", message, self.namespace)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _encode(self, bkey: str, value: Any) -> Any:
+        return value if self._objects else self.serializer.dumps(value, bkey)
+
+    def _resolve_ttl(self, ttl: TTL | UseDefault, value: Any = MISSING) -> float | None:
+        if ttl is USE_DEFAULT:
+            return self.none_ttl if value is None else self.ttl
+        return to_seconds(ttl)
+
+    def set(self, key: str, value: Any, ttl: TTL | UseDefault = USE_DEFAULT) -> None:
+        """Store ``value`` under ``key``.
+
+        Args:
+            ttl: seconds or a timedelta; ``None`` for no expiry; omitted, the cache's
+                default (``none_ttl`` for a ``None`` value).
+
+        Raises:
+            SerializationError: the serializer cannot encode ``value`` (a TypeError).
+            BackendError: the backend failed.
+        """
+        bkey = self.backend_key(key)
+        seconds = self._resolve_ttl(ttl, value)
+        if seconds == 0:  # a None value with negative caching disabled
+            return
+        self.backend.set(bkey, self._encode(bkey, value), seconds)
+
+    def set_many(self, mapping: Mapping[str, Any], ttl: TTL | UseDefault = USE_DEFAULT) -> None:
+        """Store every item with one TTL, in one backend round trip."""
+        seconds = self._resolve_ttl(ttl)
+        items = {}
+        for key, value in mapping.items():
+            bkey = self.backend_key(key)
+            items[bkey] = self._encode(bkey, value)
+        if items:
+            self.backend.set_many(items, seconds)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; removing an absent key is not an error.
+
+        Raises:
+            BackendError: the backend failed; the entry may still be there.
+        """
+        self.backend.delete(self.backend_key(key))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove every key, in one backend round trip."""
+        bkeys = [self.backend_key(key) for key in keys]
+        if bkeys:
+            self.backend.delete_many(bkeys)
+
+    # -- cache-aside ----------------------------------------------------------------------
+
+    def get_or_load(
+        self,
+        key: str,
+        loader: Callable[[], V],
+        ttl: TTL | UseDefault = USE_DEFAULT,
+    ) -> V:
+        """Return the cached value, or call ``loader()``, store its result and return it.
+
+        A ``None`` result is stored for ``none_ttl``. A backend failure never raises
+        here: the loader's value is returned and the failure counted.
+        """
+        bkey = self.backend_key(key)
+        value = self._lookup(bkey)
+        if value is not MISSING:
+            return value  # type: ignore[no-any-return]
+        return self._load_and_fill(bkey, loader, ttl)
+
+    def _load_and_fill(self, bkey: str, loader: Callable[[], V], ttl: TTL | UseDefault) -> V:
+        value = loader()
+        self._counters.loads += 1
+        self._fill(bkey, value, ttl)
+        return value
+
+    def _fill(self, bkey: str, value: Any, ttl: TTL | UseDefault) -> None:
+        """Store a loaded value; a backend failure is counted, never raised."""
+        seconds = self._resolve_ttl(ttl, value)
+        if seconds == 0:
+            return
+        data = self._encode(bkey, value)
+        try:
+            self.backend.set(bkey, data, seconds)
+        except CacheError as exc:
+            self._counters.errors += 1
+            self._log(f"cache fill failed: {exc!r}")
+
+    def _fill_many(self, values: Mapping[str, Any], ttl: TTL | UseDefault) -> None:
+        """Store loaded values with one set_many per TTL; failures are counted."""
+        groups: dict[float | None, dict[str, Any]] = {}
+        for bkey, value in values.items():
+            seconds = self._resolve_ttl(ttl, value)
+            if seconds != 0:
+                groups.setdefault(seconds, {})[bkey] = self._encode(bkey, value)
+        for seconds, items in groups.items():
+            try:
+                self.backend.set_many(items, seconds)
+            except CacheError as exc:
+                self._counters.errors += 1
+                self._log(f"cache fill failed: {exc!r}")
+
+    # -- stats ------------------------------------------------------------------------------
+
+    def stats(self) -> CacheStats:
+        """Return a snapshot of the counters."""
+        return self._counters.snapshot()
+
+    def reset_stats(self) -> None:
+        """Zero the counters."""
+        self._counters.reset()
+
+    # -- strategies -------------------------------------------------------------------------
+
+    def cached(
+        self,
+        *,
+        ttl: TTL | UseDefault = USE_DEFAULT,
+        key: KeySpec | None = None,
+    ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
+        """Decorate a function for cache-aside; see :func:`cachekit.decorators.cached`."""
+        return cached(self, ttl=ttl, key=key)
+
+    def read_through(
+        self,
+        prefix: str,
+        *,
+        load: Callable[[K], V],
+        load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
+        ttl: TTL | UseDefault = USE_DEFAULT,
+    ) -> ReadThroughView[K, V]:
+        """A keyed view whose misses are filled by ``load``/``load_many``."""
+        return ReadThroughView(self, prefix, load=load, load_many=load_many, ttl=ttl)
+
+    def write_through(
+        self,
+        prefix: str,
+        *,
+        load: Callable[[K], V],
+        save: Callable[[K, V], object],
+        remove: Callable[[K], object],
+        load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
+        ttl: TTL | UseDefault = USE_DEFAULT,
+    ) -> WriteThroughView[K, V]:
+        """A read-through view whose writes go to the system of record, then the cache."""
+        return WriteThroughView(
+            self, prefix, load=load, save=save, remove=remove, load_many=load_many, ttl=ttl
+        )

@@ -1,0 +1,62 @@
+"""The one exception tree cachekit raises.
+
+::
+
+    CacheError
+     ├── ConfigurationError (ValueError)      bad arguments, caught at construction
+     ├── MissingDependencyError (ImportError) an optional driver is not installed
+     ├── SerializationError (TypeError)       a value the serializer cannot encode
+     ├── DecodeError (ValueError)             a stored entry that fails to verify or decode
+     └── BackendError                         the cache server failed; wraps the driver error
+          └── BackendTimeout (TimeoutError)   ... by not answering within its budget
+
+Driver exceptions are wrapped once, at the backend edge, with ``raise ... from exc``,
+so callers never need to import redis-py or pymemcache to handle a cache failure.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BackendTimeout",
+    "CacheError",
+    "ConfigurationError",
+    "DecodeError",
+    "MissingDependencyError",
+    "SerializationError",
+]
+
+
+class CacheError(Exception):
+    """Base class of every exception cachekit raises."""
+
+
+class ConfigurationError(CacheError, ValueError):
+    """The cache or a backend was configured with values that cannot work."""
+
+
+class MissingDependencyError(CacheError, ImportError):
+    """An optional driver is needed but not installed; the message names the extra."""
+
+
+class SerializationError(CacheError, TypeError):
+    """A value cannot be encoded by the configured serializer."""
+
+
+class DecodeError(CacheError, ValueError):
+    """A stored entry failed verification or decoding; the facade treats it as a miss."""
+
+
+class BackendError(CacheError):
+    """A backend call failed; ``__cause__`` holds the driver's exception."""
+
+
+class BackendTimeout(BackendError, TimeoutError):
+    """A backend call did not finish within its time budget."""
+
+
+def missing_dependency(module: str, extra: str) -> MissingDependencyError:
+    """Build the error raised when an optional driver cannot be imported."""
+    return MissingDependencyError(
+        f"{module} is not installed; install it with: pip install 'cachekit-layer[{extra}]'"
+    )

@@ -1,0 +1,59 @@
+"""Counters a user reads to see the cache working, and the hit ratio derived from them.
+
+Counters are plain integers bumped without a lock: the hit path must not pay for one.
+Under heavy thread contention an increment can rarely be lost, so treat the figures as
+measurements, not as an audit log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+__all__ = ["CacheStats", "Counters"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """A snapshot of one cache's counters.
+
+    Attributes:
+        hits: reads answered from the cache.
+        misses: reads the cache could not answer (absent, expired, undecodable, or
+            the backend failed).
+        loads: loader calls made to fill misses.
+        errors: backend calls that failed; reads fell through to the loader.
+        decode_errors: entries that failed to verify or decode (counted, deleted).
+    """
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    errors: int = 0
+    decode_errors: int = 0
+
+    @property
+    def hit_ratio(self) -> float:
+        """Hits over reads, 0.0 before the first read."""
+        reads = self.hits + self.misses
+        return self.hits / reads if reads else 0.0
+
+
+class Counters:
+    """The mutable counters behind :class:`CacheStats`; one attribute per field."""
+
+    __slots__ = ("decode_errors", "errors", "hits", "loads", "misses")
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.loads = 0
+        self.errors = 0
+        self.decode_errors = 0
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.__init__()  # type: ignore[misc]  # re-running the initialiser is the reset
+
+    def snapshot(self) -> CacheStats:
+        """Copy the counters into an immutable :class:`CacheStats`."""
+        return CacheStats(**{f.name: getattr(self, f.name) for f in fields(CacheStats)})
