@@ -139,11 +139,14 @@ class Cache:
         except CacheError as exc:
             self._read_failed(exc, count=len(bkeys))
             return {}
-        found = {}
-        for bkey, data in raw.items():
-            value = self._decode(bkey, data)
-            if value is not MISSING:
-                found[bkey] = value
+        if self._objects:
+            found = {bkey: value for bkey, value in raw.items() if type(value) is not Marker}
+        else:
+            found = {}
+            for bkey, data in raw.items():
+                value = self._decode(bkey, data)
+                if value is not MISSING:
+                    found[bkey] = value
         self._counters.hits += len(found)
         self._counters.misses += len(bkeys) - len(found)
         return found
@@ -205,14 +208,22 @@ class Cache:
         self.backend.set(bkey, self._encode(bkey, value), seconds)
 
     def set_many(self, mapping: Mapping[str, Any], ttl: TTL | UseDefault = USE_DEFAULT) -> None:
-        """Store every item with one TTL, in one backend round trip."""
-        seconds = self._resolve_ttl(ttl)
-        items = {}
-        for key, value in mapping.items():
-            bkey = self.backend_key(key)
-            items[bkey] = self._encode(bkey, value)
-        if items:
+        """Store every item, in one backend round trip per distinct TTL (``None`` values
+        take ``none_ttl``, as in :meth:`set`)."""
+        for seconds, items in self._by_ttl(mapping, ttl).items():
             self.backend.set_many(items, seconds)
+
+    def _by_ttl(
+        self, mapping: Mapping[str, Any], ttl: TTL | UseDefault, *, backend_keys: bool = False
+    ) -> dict[float | None, dict[str, Any]]:
+        """Encode items and group them by resolved TTL, dropping what must not be stored."""
+        groups: dict[float | None, dict[str, Any]] = {}
+        for key, value in mapping.items():
+            seconds = self._resolve_ttl(ttl, value)
+            if seconds != 0:
+                bkey = key if backend_keys else self.backend_key(key)
+                groups.setdefault(seconds, {})[bkey] = self._encode(bkey, value)
+        return groups
 
     def delete(self, key: str) -> None:
         """Remove ``key``; removing an absent key is not an error.
@@ -266,13 +277,8 @@ class Cache:
             self._log(f"cache fill failed: {exc!r}")
 
     def _fill_many(self, values: Mapping[str, Any], ttl: TTL | UseDefault) -> None:
-        """Store loaded values with one set_many per TTL; failures are counted."""
-        groups: dict[float | None, dict[str, Any]] = {}
-        for bkey, value in values.items():
-            seconds = self._resolve_ttl(ttl, value)
-            if seconds != 0:
-                groups.setdefault(seconds, {})[bkey] = self._encode(bkey, value)
-        for seconds, items in groups.items():
+        """Store loaded values (by backend key); failures are counted, never raised."""
+        for seconds, items in self._by_ttl(values, ttl, backend_keys=True).items():
             try:
                 self.backend.set_many(items, seconds)
             except CacheError as exc:

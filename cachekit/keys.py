@@ -19,8 +19,9 @@ __all__ = ["HASH_MARK", "encode_key", "make_backend_key", "validate_namespace"]
 
 HASH_MARK = "#"
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-# Whitespace and control characters that memcached's text protocol forbids in keys.
-_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
+# What a key may hold unhashed: printable ASCII, no whitespace or control characters
+# (memcached's text protocol forbids those; non-ASCII would change the byte count).
+_PRINTABLE = re.compile(r"[!-~]+")
 
 
 def validate_namespace(namespace: str) -> str:
@@ -48,11 +49,7 @@ def make_backend_key(prefix: str, key: str, policy: KeyPolicy | None) -> str:
     full = prefix + key
     if policy is None:
         return full
-    if (
-        key.startswith(HASH_MARK)
-        or len(encode_key(full)) > policy.max_bytes
-        or (not policy.allow_whitespace and _UNSAFE.search(full) is not None)
-        or not full.isascii()
-    ):
-        return prefix + HASH_MARK + hashlib.sha256(encode_key(key)).hexdigest()
-    return full
+    # Printable ASCII has one byte per character, so len() is the byte length.
+    if len(full) <= policy.max_bytes and _PRINTABLE.fullmatch(full) and key[:1] != HASH_MARK:
+        return full
+    return prefix + HASH_MARK + hashlib.sha256(encode_key(key)).hexdigest()

@@ -244,3 +244,12 @@ def test_concurrent_readers_and_writers_stay_consistent() -> None:
         thread.join()
     assert errors == []
     assert len(cache.backend) <= 50  # type: ignore[arg-type]
+
+
+def test_set_many_gives_none_values_the_none_ttl() -> None:
+    clock = FakeClock()
+    cache = Cache(MemoryBackend(timer=clock), namespace="n", ttl=300, none_ttl=30)
+    cache.set("a", None)
+    cache.set_many({"b": None, "c": 1})
+    clock.advance(31)
+    assert cache.get_many(["a", "b", "c"]) == {"c": 1}

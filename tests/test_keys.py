@@ -10,7 +10,7 @@ from cachekit.backends.base import KeyPolicy
 from cachekit.exceptions import ConfigurationError
 from cachekit.keys import HASH_MARK, encode_key, make_backend_key, validate_namespace
 
-MEMCACHED = KeyPolicy(max_bytes=250, allow_whitespace=False)
+MEMCACHED = KeyPolicy(max_bytes=250)
 
 
 @pytest.mark.parametrize("namespace", ["", "a b", "a:b", "x" * 65, "é"])

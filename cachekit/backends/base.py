@@ -38,12 +38,13 @@ MISSING: Final = Missing.MISSING
 class KeyPolicy:
     """What a backend can store as a key without transformation.
 
-    The facade hashes any key that breaks the policy (see :mod:`cachekit.keys`); a
-    backend whose keys are arbitrary byte strings (Redis, memory) has no policy.
+    A backend with a policy takes printable ASCII keys (no whitespace or control
+    characters) of at most ``max_bytes``; the facade hashes any other key (see
+    :mod:`cachekit.keys`). A backend whose keys are arbitrary byte strings (Redis,
+    memory) has no policy.
     """
 
     max_bytes: int
-    allow_whitespace: bool = False
 
 
 @runtime_checkable

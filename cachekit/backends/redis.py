@@ -1,0 +1,205 @@
+"""Redis storage through an injected redis-py client, one round trip per call."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from cachekit.backends.base import MISSING, KeyPolicy
+from cachekit.exceptions import (
+    BackendError,
+    BackendTimeout,
+    ConfigurationError,
+    missing_dependency,
+)
+from cachekit.keys import encode_key
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.cluster import RedisCluster
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise missing_dependency("redis", "redis") from exc
+
+__all__ = ["RedisBackend"]
+
+# GET, compare, then SET inside the server, so no other client can write in between.
+# ARGV: expected, new value, TTL in milliseconds or "0" for no expiry. An absent key
+# reads as false in Lua, which never equals a string, so it never matches.
+_COMPARE_AND_SET: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return 0
+end
+local px = tonumber(ARGV[3])
+if px > 0 then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', px)
+else
+    redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+_DRIVER_ERRORS: Final = (redis.exceptions.RedisError, OSError)
+
+
+def _px(ttl: float) -> int:
+    """Seconds to whole milliseconds, rounded up so an entry never expires early.
+
+    Rounding to a microsecond first keeps float noise (``0.3 * 1000``) from adding 1 ms.
+    """
+    return max(1, math.ceil(round(ttl * 1000.0, 3)))
+
+
+def _wrap(operation: str, exc: Exception) -> BackendError:
+    """The cachekit exception for a driver error; the caller raises it ``from exc``."""
+    message = f"redis {operation} failed: {exc}"
+    if isinstance(exc, redis.exceptions.TimeoutError | TimeoutError):
+        return BackendTimeout(message)
+    return BackendError(message)
+
+
+class RedisBackend:
+    """Stores bytes in Redis (standalone or cluster) through an injected client.
+
+    Every method is a single round trip: ``get_many`` is one ``MGET``, ``set_many`` one
+    pipeline (or ``MSET`` without a TTL), ``delete_many`` one ``DEL``. On a
+    ``RedisCluster`` the batch calls split by hash slot, one round trip per node.
+
+    The client is used as given: its timeouts and retry policy apply. redis-py's
+    ``Redis(...)`` constructor retries failed commands 10 times with exponential
+    backoff by default, which can hold a cache read for seconds when the server is
+    down; :meth:`from_url` builds a client with short timeouts and no retries.
+
+    Args:
+        client: a ``redis.Redis`` or ``redis.RedisCluster`` with
+            ``decode_responses=False``; values must come back as bytes.
+
+    Raises:
+        ConfigurationError: the client decodes responses to ``str``.
+    """
+
+    stores_objects = False
+    key_policy: KeyPolicy | None = None
+
+    def __init__(self, client: redis.Redis | RedisCluster) -> None:
+        if client.get_encoder().decode_responses:
+            raise ConfigurationError(
+                "RedisBackend needs a client with decode_responses=False: cached values "
+                "are bytes, and decoding them to str would corrupt binary payloads"
+            )
+        self.client = client
+        self._owns_client = False
+        self._compare_and_set = client.register_script(_COMPARE_AND_SET)
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float = 0.1) -> RedisBackend:
+        """Connect to ``redis://host:port/db`` with cache-friendly failure behaviour.
+
+        A cache that cannot answer quickly should miss rather than stall the caller,
+        so each connect and each command gets ``timeout`` seconds, failed commands are
+        not retried, and :meth:`close` closes the client. Options in the URL's query
+        string (e.g. ``?socket_timeout=1``) take precedence, as in redis-py.
+
+        Args:
+            url: a ``redis://``, ``rediss://`` or ``unix://`` URL.
+            timeout: seconds allowed for connecting and for each command.
+        """
+        if not timeout > 0:
+            raise ConfigurationError(f"timeout must be positive seconds, got {timeout!r}")
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+        )
+        backend = cls(client)
+        backend._owns_client = True
+        return backend
+
+    def get(self, key: str) -> Any:
+        try:
+            value = self.client.get(encode_key(key))
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("GET", exc) from exc
+        return MISSING if value is None else value
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        if not keys:
+            return {}
+        encoded = [encode_key(key) for key in keys]
+        try:
+            if isinstance(self.client, RedisCluster):
+                values = self.client.mget_nonatomic(encoded)
+            else:
+                values = self.client.mget(encoded)
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("MGET", exc) from exc
+        return {key: value for key, value in zip(keys, values, strict=True) if value is not None}
+
+    def set(self, key: str, value: Any, ttl: float | None) -> None:
+        px = None if ttl is None else _px(ttl)
+        try:
+            self.client.set(encode_key(key), value, px=px)
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("SET", exc) from exc
+
+    def set_many(self, items: Mapping[str, Any], ttl: float | None) -> None:
+        if not items:
+            return
+        encoded = {encode_key(key): value for key, value in items.items()}
+        try:
+            if ttl is None:
+                self._mset(encoded)
+            else:
+                px = _px(ttl)
+                pipe = self.client.pipeline(transaction=False)
+                for key, value in encoded.items():
+                    pipe.set(key, value, px=px)
+                pipe.execute()
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("MSET" if ttl is None else "SET pipeline", exc) from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete(encode_key(key))
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("DEL", exc) from exc
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        try:
+            self.client.delete(*[encode_key(key) for key in keys])
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("DEL", exc) from exc
+
+    def add(self, key: str, value: Any, ttl: float | None) -> bool:
+        px = None if ttl is None else _px(ttl)
+        try:
+            stored = self.client.set(encode_key(key), value, px=px, nx=True)
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("SET NX", exc) from exc
+        return bool(stored)
+
+    def compare_and_set(self, key: str, expected: Any, value: Any, ttl: float | None) -> bool:
+        px = 0 if ttl is None else _px(ttl)
+        try:
+            swapped = self._compare_and_set(keys=[encode_key(key)], args=[expected, value, px])
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("compare-and-set script", exc) from exc
+        return int(swapped) == 1
+
+    def close(self) -> None:
+        """Close the client if :meth:`from_url` created it; an injected one stays open."""
+        if self._owns_client:
+            self.client.close()
+
+    def _mset(self, encoded: dict[bytes, Any]) -> None:
+        if isinstance(self.client, RedisCluster):
+            # MSET needs every key in one hash slot; this splits by slot, one MSET each.
+            self.client.mset_nonatomic(encoded)
+        else:
+            self.client.mset(encoded)

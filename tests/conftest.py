@@ -1,0 +1,306 @@
+"""Shared fixtures: every backend behind one `backend` fixture, on real servers where asked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+from pymemcache.client.base import Client
+from pymemcache.client.hash import HashClient
+from redis.backoff import NoBackoff
+from redis.connection import AbstractConnection
+from redis.retry import Retry
+
+import cachekit.backends.memcached as memcached_module
+from cachekit.backends.base import Backend
+from cachekit.backends.memcached import MemcachedBackend
+from cachekit.backends.memory import MemoryBackend
+from cachekit.backends.redis import RedisBackend
+from cachekit.keys import make_backend_key
+from tests.support import FakeClock
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+MEMCACHED_ADDRESS = ("127.0.0.1", 11211)
+# Generous: a loaded CI machine must not turn a slow reply into a failed test.
+SERVER_TIMEOUT = 2.0
+
+
+def require(what: str, available: bool, detail: str = "") -> None:
+    """Skip a test whose dependency is missing, except under CI, where it fails."""
+    if available:
+        return
+    message = f"{what} is not available{': ' + detail if detail else ''}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (CI=true, so this is a failure, not a skip)", pytrace=False)
+    pytest.skip(message)
+
+
+def _reachable(address: tuple[str, int]) -> tuple[bool, str]:
+    try:
+        socket.create_connection(address, timeout=1.0).close()
+    except OSError as exc:
+        return False, f"cannot connect to {address[0]}:{address[1]} ({exc})"
+    return True, ""
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    """The Redis URL, once the server has answered; pytest caches a skip or failure."""
+    require("Redis on 127.0.0.1:6379", *_reachable(("127.0.0.1", 6379)))
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def memcached_server() -> tuple[str, int]:
+    """The memcached address, once the server has answered."""
+    require("memcached on 127.0.0.1:11211", *_reachable(MEMCACHED_ADDRESS))
+    return MEMCACHED_ADDRESS
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A prefix unique to this test, so tests never collide on a shared server."""
+    return "t" + uuid.uuid4().hex[:12]
+
+
+def _fake_redis() -> RedisBackend:
+    try:
+        import lupa  # noqa: F401 - fakeredis runs compare_and_set's Lua script with it
+    except ImportError:
+        require("lupa (fakeredis[lua])", False, "install 'fakeredis[lua]'")
+    return RedisBackend(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+
+
+def _forget_namespace(client: redis.Redis, namespace: str) -> None:
+    keys = list(client.scan_iter(match=namespace + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("memory", id="memory"),
+        pytest.param("fakeredis", id="fakeredis"),
+        pytest.param("redis", id="redis", marks=pytest.mark.redis),
+        pytest.param("memcached", id="memcached", marks=pytest.mark.memcached),
+    ]
+)
+def backend(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]:
+    """Each backend in turn; memory runs on a :class:`FakeClock`."""
+    built: Any
+    if request.param == "memory":
+        built = MemoryBackend(timer=FakeClock())
+    elif request.param == "fakeredis":
+        built = _fake_redis()
+    elif request.param == "redis":
+        built = RedisBackend.from_url(
+            request.getfixturevalue("redis_server"), timeout=SERVER_TIMEOUT
+        )
+    else:
+        host, port = request.getfixturevalue("memcached_server")
+        built = MemcachedBackend(
+            f"{host}:{port}", timeout=SERVER_TIMEOUT, connect_timeout=SERVER_TIMEOUT
+        )
+    yield built
+    if request.param == "redis":
+        _forget_namespace(built.client, namespace)
+    built.close()
+
+
+@pytest.fixture
+def key(backend: Backend, namespace: str) -> Callable[[str], str]:
+    """Turn a test's key name into this test's backend key, as the facade would."""
+
+    def make(name: str) -> str:
+        return make_backend_key(f"{namespace}:", name, backend.key_policy)
+
+    return make
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """A TTL the backend under test honours quickly, and a way to wait it out."""
+
+    ttl: float
+    wait: Callable[[], None]
+
+
+@pytest.fixture
+def expiry(backend: Backend) -> Expiry:
+    """Memory advances its fake clock; servers sleep (memcached counts whole seconds)."""
+    if isinstance(backend, MemoryBackend):
+        clock = backend.timer
+        assert isinstance(clock, FakeClock)
+        return Expiry(ttl=30.0, wait=lambda: clock.advance(31.0))
+    if isinstance(backend, RedisBackend):
+        return Expiry(ttl=0.05, wait=lambda: time.sleep(0.15))
+    # memcached expires an item at its next whole-second tick after the TTL, so an
+    # entry set with exptime 1 is gone within ~1 s; 1.6 s leaves room for a slow tick.
+    return Expiry(ttl=1.0, wait=lambda: time.sleep(1.6))
+
+
+@pytest.fixture
+def redis_client(redis_server: str) -> Iterator[redis.Redis]:
+    """A raw client on the real Redis, with short timeouts and no retries."""
+    client = redis.Redis.from_url(
+        redis_server,
+        socket_timeout=SERVER_TIMEOUT,
+        socket_connect_timeout=SERVER_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+    )
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def memcached_client(memcached_server: tuple[str, int]) -> Iterator[Client]:
+    """A raw pymemcache client on the real memcached."""
+    client = Client(memcached_server, timeout=SERVER_TIMEOUT, connect_timeout=SERVER_TIMEOUT)
+    yield client
+    client.close()
+
+
+def redis_command_calls(client: redis.Redis) -> dict[str, int]:
+    """Server-wide call counts per command (lower-case name) from ``INFO commandstats``."""
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
+
+
+def counting_client_class(round_trips: Counter[tuple[Any, str]]) -> type[Client]:
+    """A pymemcache ``Client`` that counts round trips per (server, command).
+
+    Each of the three methods below sends its whole request in one ``sendall`` and
+    reads the replies, so one call is one round trip: a ``get_many`` that looped over
+    keys would count one per key.
+    """
+
+    class CountingClient(Client):  # type: ignore[misc]
+        def _fetch_cmd(self, name: bytes, *args: Any, **kwargs: Any) -> Any:
+            round_trips[self.server, name.decode()] += 1
+            return super()._fetch_cmd(name, *args, **kwargs)
+
+        def _store_cmd(self, name: bytes, *args: Any, **kwargs: Any) -> Any:
+            round_trips[self.server, name.decode()] += 1
+            return super()._store_cmd(name, *args, **kwargs)
+
+        def _misc_cmd(self, cmds: Any, cmd_name: bytes, *args: Any, **kwargs: Any) -> Any:
+            round_trips[self.server, cmd_name.decode()] += 1
+            return super()._misc_cmd(cmds, cmd_name, *args, **kwargs)
+
+    return CountingClient
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (into the backlog) and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+@dataclass
+class RedisCommands:
+    """Checks what a call costs: socket writes by redis-py, command counts on the server."""
+
+    client: redis.Redis
+    writes: Counter[str]
+
+    def measure(self, action: Callable[[], object]) -> tuple[int, Counter[str]]:
+        before = redis_command_calls(self.client)
+        self.writes.clear()
+        action()
+        trips = self.writes["writes"]
+        after = redis_command_calls(self.client)
+        return trips, Counter({name: after[name] - before.get(name, 0) for name in after})
+
+    def expect(self, action: Callable[[], object], expected: dict[str, int]) -> None:
+        """One socket write, and exactly ``expected`` commands (GET: 0 unless listed).
+
+        ``INFO commandstats`` is server-wide, so another client of the shared server
+        can only add calls: try a few times and accept the first clean reading.
+        """
+        expected = {"get": 0, **expected}
+        for _ in range(3):
+            trips, delta = self.measure(action)
+            assert trips == 1
+            if {name: delta[name] for name in expected} == expected:
+                return
+        pytest.fail(f"expected {expected}; the server counted {dict(+delta)}")
+
+
+@pytest.fixture
+def redis_commands(redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> RedisCommands:
+    """Counts redis-py socket writes: one command, or a whole pipeline, is one write."""
+    writes: Counter[str] = Counter()
+    original = AbstractConnection.send_packed_command
+
+    def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        writes["writes"] += 1
+        original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    return RedisCommands(redis_client, writes)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _wait_until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 5.0
+    while _free(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the second memcached on port {port} did not start")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def second_memcached() -> Iterator[tuple[str, int]]:
+    """A memcached of our own on 127.0.0.1:11212 (or a free port), stopped by PID."""
+    binary = shutil.which("memcached") or "/usr/bin/memcached"
+    require("the memcached binary", os.access(binary, os.X_OK), binary)
+    port = 11212
+    if not _free(port):
+        with socket.socket() as spare:
+            spare.bind(("127.0.0.1", 0))
+            port = spare.getsockname()[1]
+    user = ["-u", "root"] if os.geteuid() == 0 else []
+    command = [binary, *user, "-l", "127.0.0.1", "-p", str(port), "-m", "16", "-U", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_until_listening(port, process)
+    yield ("127.0.0.1", port)
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[Any, str]]:
+    """Makes the backend build counting Clients, for one server or inside a HashClient."""
+    counter: Counter[tuple[Any, str]] = Counter()
+    counting = counting_client_class(counter)
+
+    class CountingHashClient(HashClient):  # type: ignore[misc]
+        client_class = counting
+
+    monkeypatch.setattr(memcached_module, "Client", counting)
+    monkeypatch.setattr(memcached_module, "HashClient", CountingHashClient)
+    return counter

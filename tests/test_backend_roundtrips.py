@@ -1,0 +1,385 @@
+"""Server backends: batches are one round trip, TTLs reach the server right, errors are wrapped."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from pymemcache.client.base import Client
+from pymemcache.client.hash import HashClient
+from pymemcache.serde import pickle_serde
+
+from cachekit.backends.base import MISSING
+from cachekit.backends.memcached import MemcachedBackend
+from cachekit.backends.redis import RedisBackend
+from cachekit.exceptions import BackendError, BackendTimeout, ConfigurationError
+from cachekit.keys import encode_key
+from tests.conftest import RedisCommands
+
+N = 100
+DAY = 24 * 3600
+
+# (operation name, call) pairs that every backend must wrap the same way.
+OPERATIONS: list[tuple[str, Callable[[Any], object]]] = [
+    ("get", lambda b: b.get("k")),
+    ("get_many", lambda b: b.get_many(["k", "j"])),
+    ("set", lambda b: b.set("k", b"v", 10)),
+    ("set_many", lambda b: b.set_many({"k": b"v", "j": b"w"}, 10)),
+    ("delete", lambda b: b.delete("k")),
+    ("delete_many", lambda b: b.delete_many(["k", "j"])),
+    ("add", lambda b: b.add("k", b"v", None)),
+    ("compare_and_set", lambda b: b.compare_and_set("k", b"v", b"w", None)),
+]
+OPERATION_IDS = [name for name, _ in OPERATIONS]
+OPERATION_CALLS = [call for _, call in OPERATIONS]
+
+
+# -- Redis ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_backend(redis_server: str, namespace: str) -> Iterator[RedisBackend]:
+    backend = RedisBackend.from_url(redis_server, timeout=2.0)
+    yield backend
+    stale = list(backend.client.scan_iter(match=namespace + "*", count=1000))
+    if stale:
+        backend.client.delete(*stale)
+    backend.close()
+
+
+def ns_keys(namespace: str) -> list[str]:
+    return [f"{namespace}:k{i}" for i in range(N)]
+
+
+@pytest.mark.redis
+def test_redis_get_many_is_one_mget(
+    redis_backend: RedisBackend, redis_commands: RedisCommands, namespace: str
+) -> None:
+    keys = ns_keys(namespace)
+    redis_backend.set_many({key: b"v" for key in keys[::2]}, None)
+
+    def get_many() -> None:
+        assert len(redis_backend.get_many(keys)) == N // 2
+
+    redis_commands.expect(get_many, {"mget": 1})
+
+
+@pytest.mark.redis
+def test_redis_set_many_is_one_round_trip(
+    redis_backend: RedisBackend, redis_commands: RedisCommands, namespace: str
+) -> None:
+    keys = ns_keys(namespace)
+    redis_backend.get(keys[0])  # connect first: the handshake is writes too
+    items = {key: b"v" for key in keys}
+    redis_commands.expect(lambda: redis_backend.set_many(items, 60), {"set": N})
+    assert 59_000 < redis_commands.client.pttl(keys[-1]) <= 60_000
+    redis_commands.expect(lambda: redis_backend.set_many(items, None), {"mset": 1})
+    assert redis_commands.client.pttl(keys[-1]) == -1
+
+
+@pytest.mark.redis
+def test_redis_delete_many_is_one_del(
+    redis_backend: RedisBackend, redis_commands: RedisCommands, namespace: str
+) -> None:
+    keys = ns_keys(namespace)
+    redis_backend.set_many({key: b"v" for key in keys}, None)
+    redis_commands.expect(lambda: redis_backend.delete_many(keys), {"del": 1})
+    assert redis_backend.get_many(keys) == {}
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (lambda b, k: b.get(k), {"get": 1}),
+        (lambda b, k: b.set(k, b"v", 5), {"set": 1}),
+        (lambda b, k: b.add(k, b"v", 5), {"set": 1}),
+        (lambda b, k: b.delete(k), {"del": 1}),
+        # The script's GET runs inside Redis and counts as a command, not a round trip.
+        (lambda b, k: b.compare_and_set(k, b"v", b"w", 5), {"evalsha": 1, "get": 1}),
+    ],
+    ids=["get", "set", "add", "delete", "compare_and_set"],
+)
+def test_redis_single_key_calls_are_one_command(
+    redis_backend: RedisBackend,
+    redis_commands: RedisCommands,
+    namespace: str,
+    call: Callable[[RedisBackend, str], object],
+    expected: dict[str, int],
+) -> None:
+    key = f"{namespace}:k"
+    redis_backend.compare_and_set(key, b"v", b"w", None)  # loads the script, connects
+    redis_commands.expect(lambda: call(redis_backend, key), expected)
+
+
+@pytest.mark.redis
+def test_redis_ttls_become_milliseconds_rounded_up(
+    redis_backend: RedisBackend, redis_client: redis.Redis, namespace: str
+) -> None:
+    key = f"{namespace}:k"
+    redis_backend.set(key, b"v", 1.5)
+    assert 1_400 < redis_client.pttl(key) <= 1_500
+    redis_backend.set(key, b"v", 0.0001)  # rounds up to 1 ms, never to "no expiry"
+    assert redis_client.pttl(key) in (-2, 0, 1)
+    assert redis_backend.add(key + "a", b"v", 2.5) is True
+    assert 2_400 < redis_client.pttl(key + "a") <= 2_500
+    assert redis_backend.compare_and_set(key + "a", b"v", b"w", 40 * DAY) is True
+    assert 40 * DAY * 1000 - 1000 < redis_client.pttl(key + "a") <= 40 * DAY * 1000
+    assert redis_backend.compare_and_set(key + "a", b"w", b"x", None) is True
+    assert redis_client.pttl(key + "a") == -1
+
+
+def test_redis_milliseconds_ignore_float_noise() -> None:
+    from cachekit.backends.redis import _px
+
+    assert 2.007 * 1000 > 2007  # the float noise this guards against
+    assert _px(2.007) == 2007
+    assert _px(0.0001) == 1
+    assert _px(1.0) == 1000
+
+
+@pytest.mark.redis
+def test_redis_keys_are_utf8_with_surrogates(
+    redis_backend: RedisBackend, redis_client: redis.Redis, namespace: str
+) -> None:
+    key = f"{namespace}:ключ \udc80"
+    redis_backend.set(key, b"v", None)
+    assert redis_client.get(encode_key(key)) == b"v"
+    assert redis_client.get(encode_key(key)) == redis_backend.get(key)
+
+
+def test_redis_refuses_a_decoding_client() -> None:
+    client = redis.Redis(host="127.0.0.1", port=1, decode_responses=True)
+    with pytest.raises(ConfigurationError, match="decode_responses=False"):
+        RedisBackend(client)
+    client.close()
+
+
+def test_redis_from_url_sets_short_timeouts_and_no_retries() -> None:
+    backend = RedisBackend.from_url("redis://127.0.0.1:1", timeout=0.25)
+    options = backend.client.connection_pool.connection_kwargs
+    assert options["socket_timeout"] == 0.25
+    assert options["socket_connect_timeout"] == 0.25
+    assert options["retry"].get_retries() == 0
+    backend.close()
+
+
+@pytest.mark.parametrize("call", OPERATION_CALLS, ids=OPERATION_IDS)
+def test_redis_refused_connection_is_a_backend_error(call: Callable[[Any], object]) -> None:
+    backend = RedisBackend.from_url("redis://127.0.0.1:1")
+    with pytest.raises(BackendError) as raised:
+        call(backend)
+    assert isinstance(raised.value.__cause__, redis.exceptions.ConnectionError)
+    backend.close()
+
+
+def test_redis_silent_server_is_a_backend_timeout(silent_port: int) -> None:
+    backend = RedisBackend.from_url(f"redis://127.0.0.1:{silent_port}", timeout=0.05)
+    with pytest.raises(BackendTimeout) as raised:
+        backend.get("k")
+    assert isinstance(raised.value.__cause__, redis.exceptions.TimeoutError)
+    backend.close()
+
+
+# -- memcached -----------------------------------------------------------------------
+
+
+def _address(server: tuple[str, int]) -> str:
+    return f"{server[0]}:{server[1]}"
+
+
+@pytest.mark.memcached
+def test_memcached_batches_are_one_round_trip(
+    memcached_server: tuple[str, int], round_trips: Counter[tuple[Any, str]], namespace: str
+) -> None:
+    backend = MemcachedBackend(_address(memcached_server), timeout=2.0, connect_timeout=2.0)
+    keys = ns_keys(namespace)
+    backend.set_many({key: b"v" for key in keys}, 60)
+    assert backend.get_many(keys) == {key: b"v" for key in keys}
+    backend.delete_many(keys)
+    assert backend.get_many(keys) == {}
+    backend.close()
+    assert round_trips == {
+        (memcached_server, "set"): 1,
+        (memcached_server, "get"): 2,
+        (memcached_server, "delete"): 1,
+    }
+
+
+@pytest.mark.memcached
+def test_memcached_pool_batches_are_one_round_trip_per_server(
+    memcached_server: tuple[str, int],
+    second_memcached: tuple[str, int],
+    round_trips: Counter[tuple[Any, str]],
+    namespace: str,
+) -> None:
+    servers = [memcached_server, second_memcached]
+    backend = MemcachedBackend([_address(s) for s in servers], timeout=2.0, connect_timeout=2.0)
+    keys = ns_keys(namespace)
+    backend.set_many({key: b"v" for key in keys}, 60)
+    assert backend.get_many(keys) == {key: b"v" for key in keys}
+    backend.delete_many(keys)
+    assert backend.get_many(keys) == {}
+    backend.close()
+    # HashClient.delete_many alone would make one round trip per key here.
+    expected = {(s, c): n for s in servers for c, n in (("set", 1), ("get", 2), ("delete", 1))}
+    assert round_trips == expected
+
+
+@pytest.mark.memcached
+def test_memcached_pool_spreads_keys_over_both_servers(
+    memcached_server: tuple[str, int], second_memcached: tuple[str, int], namespace: str
+) -> None:
+    backend = MemcachedBackend([_address(memcached_server), _address(second_memcached)])
+    keys = ns_keys(namespace)
+    backend.set_many({key: b"v" for key in keys}, 60)
+    counts = []
+    for server in (memcached_server, second_memcached):
+        raw = Client(server, timeout=2.0, connect_timeout=2.0)
+        counts.append(len(raw.get_many(keys)))
+        raw.close()
+    backend.delete_many(keys)
+    backend.close()
+    assert sum(counts) == N
+    assert min(counts) > 0
+
+
+def _remaining(memcached_client: Client, key: str) -> int | None:
+    """Seconds left per memcached's meta ``mg <key> t``; -1 for no expiry, None if absent."""
+    reply = memcached_client.raw_command(f"mg {key} t")
+    if reply == b"EN":
+        return None
+    assert reply.startswith(b"HD t"), reply
+    return int(reply[4:])
+
+
+@pytest.mark.memcached
+def test_memcached_ttls_reach_the_server(
+    memcached_server: tuple[str, int], memcached_client: Client, namespace: str
+) -> None:
+    backend = MemcachedBackend(_address(memcached_server), timeout=2.0, connect_timeout=2.0)
+    key = f"{namespace}:k"
+    backend.set(key, b"v", None)
+    assert _remaining(memcached_client, key) == -1
+    backend.set(key, b"v", 0.2)  # rounds up to 1 s, never to 0 ("no expiry")
+    assert _remaining(memcached_client, key) in (None, 0, 1)
+    backend.set(key, b"v", 100.5)
+    assert _remaining(memcached_client, key) in (100, 101)
+    backend.set(key, b"v", 30 * DAY)  # the largest relative expiry
+    assert 30 * DAY - 2 <= (_remaining(memcached_client, key) or 0) <= 30 * DAY
+    backend.set_many({key: b"v"}, 40 * DAY)  # sent as a unix time: still 40 days away
+    assert 40 * DAY - 2 <= (_remaining(memcached_client, key) or 0) <= 40 * DAY + 1
+    assert backend.compare_and_set(key, b"v", b"w", None) is True
+    assert _remaining(memcached_client, key) == -1
+    backend.delete(key)
+    backend.close()
+
+
+def test_memcached_expire_arithmetic() -> None:
+    from cachekit.backends.memcached import _expire
+
+    assert _expire(None) == 0
+    assert _expire(0.001) == 1
+    assert _expire(1.5) == 2
+    assert _expire(30 * DAY) == 30 * DAY
+    now = time.time()
+    assert now + 40 * DAY <= _expire(40 * DAY) <= time.time() + 40 * DAY + 1
+
+
+@pytest.mark.parametrize("call", OPERATION_CALLS, ids=OPERATION_IDS)
+def test_memcached_refused_connection_is_a_backend_error(call: Callable[[Any], object]) -> None:
+    backend = MemcachedBackend(["127.0.0.1:1"])
+    with pytest.raises(BackendError) as raised:
+        call(backend)
+    assert isinstance(raised.value.__cause__, ConnectionRefusedError)
+    backend.close()
+
+
+def test_memcached_silent_server_is_a_backend_timeout(silent_port: int) -> None:
+    backend = MemcachedBackend(f"127.0.0.1:{silent_port}", timeout=0.05, connect_timeout=0.05)
+    with pytest.raises(BackendTimeout) as raised:
+        backend.get("k")
+    assert isinstance(raised.value.__cause__, TimeoutError)
+    backend.close()
+
+
+@pytest.mark.memcached
+def test_memcached_pool_reports_a_dead_server_instead_of_missing(
+    memcached_server: tuple[str, int], namespace: str
+) -> None:
+    """HashClient answers None/False for a server in retry back-off; that is an error."""
+    dead = "127.0.0.1:1"
+    ring = HashClient([memcached_server, dead], timeout=2.0, connect_timeout=2.0, retry_timeout=60)
+    backend = MemcachedBackend(ring)
+    on_dead = next(k for i in range(1000) if ring.hasher.get_node(k := f"{namespace}:{i}") == dead)
+    on_live = next(k for i in range(1000) if ring.hasher.get_node(k := f"{namespace}:{i}") != dead)
+
+    with pytest.raises(BackendError) as first:
+        backend.get(on_dead)
+    assert isinstance(first.value.__cause__, ConnectionRefusedError)
+    # From now on the raw client skips that server for retry_timeout, answering as if
+    # the key were absent (get) or present (add); the backend reports it instead.
+    assert ring.get(on_dead) is None
+    assert ring.add(on_dead, b"v", noreply=False) is False
+    skipped: list[Callable[[MemcachedBackend], object]] = [
+        lambda b: b.get(on_dead),
+        lambda b: b.get_many([on_live, on_dead]),
+        lambda b: b.add(on_dead, b"v", None),
+        lambda b: b.set_many({on_live: b"v", on_dead: b"v"}, 10),
+        lambda b: b.compare_and_set(on_dead, b"v", b"w", None),
+    ]
+    for call in skipped:
+        with pytest.raises(BackendError, match="back-off"):
+            call(backend)
+    backend.set(on_live, b"v", 10)
+    assert backend.get(on_live) == b"v"
+    backend.delete(on_live)
+    ring.close()
+
+
+def test_memcached_refuses_clients_that_hide_errors_or_change_data() -> None:
+    server = ("127.0.0.1", 1)
+    refused = [
+        Client(server, ignore_exc=True),
+        Client(server, key_prefix=b"app:"),
+        Client(server, serde=pickle_serde),
+        HashClient([server], ignore_exc=True),
+        HashClient([server], serde=pickle_serde),
+    ]
+    for client in refused:
+        with pytest.raises(ConfigurationError):
+            MemcachedBackend(client)
+    MemcachedBackend(Client(server))  # the plain defaults are fine
+    MemcachedBackend(HashClient([server], use_pooling=True))
+
+
+@pytest.mark.parametrize(
+    ("servers", "options"),
+    [([], {}), (["127.0.0.1:port"], {}), ("127.0.0.1:11211", {"timeout": 0})],
+    ids=["no servers", "bad port", "zero timeout"],
+)
+def test_memcached_rejects_bad_configuration(servers: Any, options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        MemcachedBackend(servers, **options)
+
+
+@pytest.mark.memcached
+def test_memcached_injected_client_is_used_and_left_open(
+    memcached_client: Client, namespace: str
+) -> None:
+    backend = MemcachedBackend(memcached_client)
+    backend.set(f"{namespace}:k", b"v", 10)
+    backend.close()
+    assert memcached_client.get(f"{namespace}:k") == b"v"
+    assert backend.get(f"{namespace}:absent") is MISSING
+
+
+def test_memcached_values_must_be_bytes() -> None:
+    backend = MemcachedBackend("127.0.0.1:1")
+    with pytest.raises(TypeError, match="bytes"):
+        backend.set("k", "text", None)
+    backend.close()

@@ -1,0 +1,34 @@
+"""The overhead benchmark runs to the end and prints every section (timings are not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "overhead.py"
+SECTIONS = [
+    "## in-process decorated hit",
+    "## memory: get_many(100) vs 100 single gets",
+    "## redis hit",
+    "## redis: get_many(100) vs 100 single gets",
+    "## memcached hit",
+    "## memcached: get_many(100) vs 100 single gets",
+]
+
+
+def test_overhead_quick_run(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--quick", "--json", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, f"--- stdout\n{run.stdout}--- stderr\n{run.stderr}"
+    for header in SECTIONS:
+        assert header in run.stdout
+    written = json.loads(results.read_text(encoding="utf-8"))
+    assert len(written["sections"]) == len(SECTIONS)
