@@ -15,6 +15,7 @@ from cachekit.backends.base import MISSING, Backend
 from cachekit.decorators import CachedFunction, KeySpec, cached
 from cachekit.exceptions import CacheError, ConfigurationError, DecodeError
 from cachekit.keys import make_backend_key, validate_namespace
+from cachekit.leases import load_under_lease
 from cachekit.markers import MARKER_BYTE, Marker
 from cachekit.serializers import JsonSerializer, Serializer
 from cachekit.stats import CacheStats, Counters
@@ -46,6 +47,10 @@ class Cache:
             disables it; by default the smaller of ``ttl`` and 30 seconds.
         serializer: encodes values for network backends; ``JsonSerializer()`` by
             default. Ignored by backends that store objects (memory).
+        lease_ttl: how long a miss's lease lives (see :mod:`cachekit.leases`): the
+            longest a loader may run before another caller takes over. ``None``
+            turns leases off (plain get/load/set, open to stale sets and stampedes).
+        lease_poll: the longest interval, in seconds, between a waiter's polls.
     """
 
     def __init__(
@@ -56,6 +61,8 @@ class Cache:
         ttl: TTL = 300.0,
         none_ttl: TTL | UseDefault = USE_DEFAULT,
         serializer: Serializer | None = None,
+        lease_ttl: TTL = 5.0,
+        lease_poll: float = 0.05,
     ) -> None:
         if not isinstance(backend, Backend):
             raise ConfigurationError(
@@ -68,6 +75,10 @@ class Cache:
         self.serializer: Serializer = serializer if serializer is not None else JsonSerializer()
         if not isinstance(self.serializer, Serializer):
             raise ConfigurationError(f"{serializer!r} does not implement dumps(value, key)/loads")
+        self.lease_ttl = to_seconds(lease_ttl, what="lease_ttl")
+        if not (isinstance(lease_poll, int | float) and lease_poll > 0):
+            raise ConfigurationError(f"lease_poll must be positive seconds, got {lease_poll!r}")
+        self.lease_poll = float(lease_poll)
         self._prefix = self.namespace + ":"
         self._policy = backend.key_policy
         self._objects = backend.stores_objects
@@ -246,23 +257,48 @@ class Cache:
         key: str,
         loader: Callable[[], V],
         ttl: TTL | UseDefault = USE_DEFAULT,
+        *,
+        lease_ttl: TTL | UseDefault = USE_DEFAULT,
     ) -> V:
         """Return the cached value, or call ``loader()``, store its result and return it.
 
-        A ``None`` result is stored for ``none_ttl``. A backend failure never raises
-        here: the loader's value is returned and the failure counted.
+        The miss runs under a lease (:mod:`cachekit.leases`): concurrent misses on the
+        key call the loader once, and a value loaded before a concurrent write or
+        invalidation is not stored. A ``None`` result is stored for ``none_ttl``. A
+        backend failure never raises here: the loader's value is returned and the
+        failure counted.
         """
         bkey = self.backend_key(key)
         value = self._lookup(bkey)
         if value is not MISSING:
             return value  # type: ignore[no-any-return]
-        return self._load_and_fill(bkey, loader, ttl)
+        return self._load_and_fill(bkey, loader, ttl, lease_ttl)
 
-    def _load_and_fill(self, bkey: str, loader: Callable[[], V], ttl: TTL | UseDefault) -> V:
+    def _load_and_fill(
+        self,
+        bkey: str,
+        loader: Callable[[], V],
+        ttl: TTL | UseDefault,
+        lease_ttl: TTL | UseDefault = USE_DEFAULT,
+    ) -> V:
+        """The miss path after a lookup missed: under a lease unless leases are off."""
+        seconds = self.lease_ttl if lease_ttl is USE_DEFAULT else to_seconds(lease_ttl)
+        if seconds is not None:
+            return load_under_lease(self, bkey, loader, ttl, seconds)
         value = loader()
         self._counters.loads += 1
         self._fill(bkey, value, ttl)
         return value
+
+    def _load_uncached(self, loader: Callable[[], V]) -> V:
+        """Call the loader without storing: the cache failed or a lease holder hung."""
+        value = loader()
+        self._counters.loads += 1
+        return value
+
+    def _write_failed(self, exc: CacheError) -> None:
+        self._counters.errors += 1
+        self._log(f"cache write failed: {exc!r}")
 
     def _fill(self, bkey: str, value: Any, ttl: TTL | UseDefault) -> None:
         """Store a loaded value; a backend failure is counted, never raised."""
@@ -273,8 +309,7 @@ class Cache:
         try:
             self.backend.set(bkey, data, seconds)
         except CacheError as exc:
-            self._counters.errors += 1
-            self._log(f"cache fill failed: {exc!r}")
+            self._write_failed(exc)
 
     def _fill_many(self, values: Mapping[str, Any], ttl: TTL | UseDefault) -> None:
         """Store loaded values (by backend key); failures are counted, never raised."""
@@ -282,8 +317,7 @@ class Cache:
             try:
                 self.backend.set_many(items, seconds)
             except CacheError as exc:
-                self._counters.errors += 1
-                self._log(f"cache fill failed: {exc!r}")
+                self._write_failed(exc)
 
     # -- stats ------------------------------------------------------------------------------
 

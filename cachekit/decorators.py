@@ -44,7 +44,7 @@ class CachedFunction(Protocol[P, R_co]):
         ...
 
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
-        """Call the function and overwrite the entry with its result."""
+        """Drop the entry, then call the function and store its result (under a lease)."""
         ...
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
@@ -207,8 +207,13 @@ class _Controls(Generic[P, R]):
         self.cache.delete(self.make_key(args, kwargs))
 
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        bkey = self.cache.backend_key(self.make_key(args, kwargs))
-        return self.cache._load_and_fill(bkey, lambda: self.func(*args, **kwargs), self.ttl)
+        # Invalidate, then load under a lease: an unconditional overwrite could store
+        # a value older than one a concurrent caller loaded after a write.
+        key = self.make_key(args, kwargs)
+        self.cache.delete(key)
+        return self.cache._load_and_fill(
+            self.cache.backend_key(key), functools.partial(self.func, *args, **kwargs), self.ttl
+        )
 
 
 class _CachedMethod(Generic[P, R]):

@@ -23,6 +23,10 @@ class CacheStats:
         loads: loader calls made to fill misses.
         errors: backend calls that failed; reads fell through to the loader.
         decode_errors: entries that failed to verify or decode (counted, deleted).
+        lease_waits: misses that found another caller's lease and waited for its value
+            instead of calling the loader (single-flight at work).
+        fills_rejected: loaded values not stored because the key was written or
+            invalidated while they loaded (the stale-set race, prevented).
     """
 
     hits: int = 0
@@ -30,6 +34,8 @@ class CacheStats:
     loads: int = 0
     errors: int = 0
     decode_errors: int = 0
+    lease_waits: int = 0
+    fills_rejected: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -41,7 +47,15 @@ class CacheStats:
 class Counters:
     """The mutable counters behind :class:`CacheStats`; one attribute per field."""
 
-    __slots__ = ("decode_errors", "errors", "hits", "loads", "misses")
+    __slots__ = (
+        "decode_errors",
+        "errors",
+        "fills_rejected",
+        "hits",
+        "lease_waits",
+        "loads",
+        "misses",
+    )
 
     def __init__(self) -> None:
         self.hits = 0
@@ -49,6 +63,8 @@ class Counters:
         self.loads = 0
         self.errors = 0
         self.decode_errors = 0
+        self.lease_waits = 0
+        self.fills_rejected = 0
 
     def reset(self) -> None:
         """Zero every counter."""

@@ -122,6 +122,17 @@ def test_compare_and_set_matching_rule(backend: Backend, key: Key) -> None:
         assert backend.compare_and_set(key("k"), stored, b"new", None) is True
 
 
+def test_compare_and_delete_removes_only_a_matching_value(backend: Backend, key: Key) -> None:
+    stored = distinct(b"lease")
+    backend.set(key("k"), stored, None)
+    assert backend.compare_and_delete(key("k"), b"other") is False
+    assert backend.get(key("k")) == b"lease"
+    assert backend.compare_and_delete(key("k"), stored) is True
+    assert backend.get(key("k")) is MISSING
+    assert backend.compare_and_delete(key("k"), stored) is False
+    assert backend.add(key("k"), b"again", None) is True  # the key is really free
+
+
 def test_entries_expire_after_their_ttl(backend: Backend, key: Key, expiry: Expiry) -> None:
     """Every write path honours the TTL, and None never expires; one wait for all."""
     old = b"old"

@@ -200,7 +200,8 @@ def test_undecodable_entries_are_misses_that_are_counted_and_deleted(
 
 
 def test_cachekit_markers_are_never_returned(backend: Backend, namespace: str) -> None:
-    cache = Cache(backend, namespace=namespace)
+    # A foreign lease that never expires: the waiter gives up after lease_ttl + 1 s.
+    cache = Cache(backend, namespace=namespace, lease_ttl=0.1, lease_poll=0.01)
     bkey = cache.backend_key("k")
     marker = Marker(b"t") if backend.stores_objects else MARKER_BYTE + b"lease"
     backend.set(bkey, marker, None)

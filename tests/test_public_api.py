@@ -41,7 +41,7 @@ def test_all_is_sorted_and_importable(name: str) -> None:
 def test_top_level_names() -> None:
     public = {name for name in dir(cachekit) if not name.startswith("_")}
     submodules = {
-        "backends", "cache", "decorators", "exceptions", "keys", "markers",
+        "backends", "cache", "decorators", "exceptions", "keys", "leases", "markers",
         "serializers", "stats", "ttl", "views",
     }  # fmt: skip
     assert public - submodules == set(cachekit.__all__)

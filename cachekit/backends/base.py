@@ -98,6 +98,14 @@ class Backend(Protocol):
         """
         ...
 
+    def compare_and_delete(self, key: str, expected: Any) -> bool:
+        """Delete the key only if it still holds ``expected`` (matched as above). Atomic.
+
+        Returns whether it was deleted. Leases use it to release themselves without
+        ever removing a value or another caller's lease.
+        """
+        ...
+
     def close(self) -> None:
         """Release connections the backend created itself (not an injected client's)."""
         ...

@@ -28,6 +28,8 @@ __all__ = ["MemcachedBackend"]
 # memcached reads an expiry above 30 days as a unix timestamp, not a duration.
 _MAX_RELATIVE_EXPIRE: Final = 30 * 24 * 3600
 _DRIVER_ERRORS: Final = (MemcacheError, OSError)
+# A negative exptime stores the item already expired: a conditional delete via cas.
+_EXPIRED_NOW: Final = -1
 # Returned by HashClient in place of a result when it skipped a failing server.
 _SKIPPED: Final = object()
 
@@ -300,6 +302,24 @@ class MemcachedBackend:
             stored = nodes.run(node, "cas", key, value, token, _expire(ttl), noreply=False)
         except _DRIVER_ERRORS as exc:
             raise _wrap("compare_and_set", exc) from exc
+        return bool(stored)
+
+    def compare_and_delete(self, key: str, expected: Any) -> bool:
+        """Delete the key if it equals ``expected``: ``gets``, compare, then ``cas``.
+
+        memcached's ``delete`` takes no cas token, so the delete is a ``cas`` with a
+        negative exptime, which memcached applies as "expired now": the item is gone
+        for every reader, and the token keeps the delete conditional.
+        """
+        nodes = self._nodes
+        try:
+            node = nodes.node_for(key)
+            current, token = nodes.run(node, "gets", key)
+            if current is None or current != expected:
+                return False
+            stored = nodes.run(node, "cas", key, b"", token, _EXPIRED_NOW, noreply=False)
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("compare_and_delete", exc) from exc
         return bool(stored)
 
     def close(self) -> None:

@@ -116,6 +116,14 @@ class MemoryBackend:
             self._store(key, value, ttl)
             return True
 
+    def compare_and_delete(self, key: str, expected: Any) -> bool:
+        with self._lock:
+            entry = self._live(key)
+            if entry is None or entry[0] is not expected:
+                return False
+            del self._data[key]
+            return True
+
     def clear(self) -> None:
         """Drop every entry (all namespaces)."""
         with self._lock:

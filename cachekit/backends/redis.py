@@ -41,6 +41,14 @@ end
 return 1
 """
 
+_COMPARE_AND_DELETE: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return 0
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
 _DRIVER_ERRORS: Final = (redis.exceptions.RedisError, OSError)
 
 
@@ -92,6 +100,7 @@ class RedisBackend:
         self.client = client
         self._owns_client = False
         self._compare_and_set = client.register_script(_COMPARE_AND_SET)
+        self._compare_and_delete = client.register_script(_COMPARE_AND_DELETE)
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.1) -> RedisBackend:
@@ -191,6 +200,13 @@ class RedisBackend:
         except _DRIVER_ERRORS as exc:
             raise _wrap("compare-and-set script", exc) from exc
         return int(swapped) == 1
+
+    def compare_and_delete(self, key: str, expected: Any) -> bool:
+        try:
+            deleted = self._compare_and_delete(keys=[encode_key(key)], args=[expected])
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("compare-and-delete script", exc) from exc
+        return int(deleted) == 1
 
     def close(self) -> None:
         """Close the client if :meth:`from_url` created it; an injected one stays open."""
