@@ -336,9 +336,10 @@ class Cache:
         *,
         ttl: TTL | UseDefault = USE_DEFAULT,
         key: KeySpec | None = None,
+        lease_ttl: TTL | UseDefault = USE_DEFAULT,
     ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
         """Decorate a function for cache-aside; see :func:`cachekit.decorators.cached`."""
-        return cached(self, ttl=ttl, key=key)
+        return cached(self, ttl=ttl, key=key, lease_ttl=lease_ttl)
 
     def read_through(
         self,

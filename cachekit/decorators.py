@@ -30,6 +30,9 @@ R_co = TypeVar("R_co", covariant=True)
 #: function's arguments and returning the key.
 KeySpec = str | Callable[..., str]
 
+#: The miss path with this function's TTL and lease options bound: (bkey, loader).
+_Fill = Callable[[str, Callable[[], Any]], Any]
+
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _SELF_NAMES = ("self", "cls")
 
@@ -110,6 +113,7 @@ def cached(
     *,
     ttl: TTL | UseDefault = USE_DEFAULT,
     key: KeySpec | None = None,
+    lease_ttl: TTL | UseDefault = USE_DEFAULT,
 ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
     """Cache a function's results in ``cache`` (cache-aside).
 
@@ -120,6 +124,8 @@ def cached(
             (``self``/``cls`` left out); a template such as ``"user:{user_id}"``
             formatted with the bound arguments; or a callable taking the function's
             arguments and returning the key.
+        lease_ttl: the lease of a miss (see :mod:`cachekit.leases`); the cache's if
+            omitted; ``None`` turns leases off for this function.
 
     The key is logical (``cache.get(f.key(7))`` works); namespacing and any hashing
     happen in ``cache.backend_key``.
@@ -127,22 +133,22 @@ def cached(
 
     def decorate(func: Callable[P, R]) -> CachedFunction[P, R]:
         make_key = _KeyMaker(func, key)
+        fill: _Fill = functools.partial(cache._load_and_fill, ttl=ttl, lease_ttl=lease_ttl)
         if make_key.skip_self:
-            return cast("CachedFunction[P, R]", _CachedMethod(cache, func, make_key, ttl))
-        return _wrap_function(cache, func, make_key, ttl)
+            return cast("CachedFunction[P, R]", _CachedMethod(cache, func, make_key, fill))
+        return _wrap_function(cache, func, make_key, fill)
 
     return decorate
 
 
 def _wrap_function(
-    cache: Cache, func: Callable[P, R], make_key: _KeyMaker, ttl: TTL | UseDefault
+    cache: Cache, func: Callable[P, R], make_key: _KeyMaker, fill: _Fill
 ) -> CachedFunction[P, R]:
     # Everything the hit path needs is bound here, once: each attribute lookup or
     # call saved is worth ~5% of an in-process hit.
     backend_key = cache.backend_key
     backend_get = cache.backend.get
     lookup = cache._lookup
-    load_and_fill = cache._load_and_fill
     counters = cache._counters
     objects = cache.backend.stores_objects
     # The common call shape builds its backend key inline, with no call: only for
@@ -160,7 +166,7 @@ def _wrap_function(
             bkey = full_prefix + ",".join(map(repr, args))
         if (value := lookup(bkey)) is not MISSING:
             return value  # type: ignore[no-any-return]
-        return load_and_fill(bkey, functools.partial(func, *args, **kwargs), ttl)
+        return fill(bkey, functools.partial(func, *args, **kwargs))  # type: ignore[no-any-return]
 
     def object_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         # The in-process case, specialised: one-argument key and Cache._lookup inlined,
@@ -178,11 +184,11 @@ def _wrap_function(
                 return raw  # type: ignore[no-any-return]
             counters.misses += 1
         # partial, not a lambda: a closure over args would cost every hit two cells.
-        return load_and_fill(bkey, functools.partial(func, *args, **kwargs), ttl)
+        return fill(bkey, functools.partial(func, *args, **kwargs))  # type: ignore[no-any-return]
 
     chosen = object_wrapper if objects and arity == 1 else wrapper
     functools.update_wrapper(chosen, func)
-    controls = _Controls(cache, func, make_key, ttl)
+    controls = _Controls(cache, func, make_key, fill)
     chosen.invalidate = controls.invalidate  # type: ignore[attr-defined]
     chosen.refresh = controls.refresh  # type: ignore[attr-defined]
     chosen.key = controls.key  # type: ignore[attr-defined]
@@ -193,12 +199,12 @@ class _Controls(Generic[P, R]):
     """``invalidate``/``refresh``/``key`` for one function, given its full arguments."""
 
     def __init__(
-        self, cache: Cache, func: Callable[P, R], make_key: _KeyMaker, ttl: TTL | UseDefault
+        self, cache: Cache, func: Callable[P, R], make_key: _KeyMaker, fill: _Fill
     ) -> None:
         self.cache = cache
         self.func = func
         self.make_key = make_key
-        self.ttl = ttl
+        self.fill = fill
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         return self.make_key(args, kwargs)
@@ -211,9 +217,7 @@ class _Controls(Generic[P, R]):
         # a value older than one a concurrent caller loaded after a write.
         key = self.make_key(args, kwargs)
         self.cache.delete(key)
-        return self.cache._load_and_fill(
-            self.cache.backend_key(key), functools.partial(self.func, *args, **kwargs), self.ttl
-        )
+        return self.fill(self.cache.backend_key(key), functools.partial(self.func, *args, **kwargs))  # type: ignore[no-any-return]
 
 
 class _CachedMethod(Generic[P, R]):
@@ -224,11 +228,11 @@ class _CachedMethod(Generic[P, R]):
     """
 
     def __init__(
-        self, cache: Cache, func: Callable[P, R], make_key: _KeyMaker, ttl: TTL | UseDefault
+        self, cache: Cache, func: Callable[P, R], make_key: _KeyMaker, fill: _Fill
     ) -> None:
         functools.update_wrapper(self, func)
-        self._call = _wrap_function(cache, func, make_key, ttl)
-        self._controls = _Controls(cache, func, make_key, ttl)
+        self._call = _wrap_function(cache, func, make_key, fill)
+        self._controls = _Controls(cache, func, make_key, fill)
 
     def __get__(self, obj: object, objtype: type | None = None) -> Any:
         if obj is None:
