@@ -282,13 +282,16 @@ class Cache:
         lease_ttl: TTL | UseDefault = USE_DEFAULT,
     ) -> V:
         """The miss path after a lookup missed: under a lease unless leases are off."""
-        seconds = self.lease_ttl if lease_ttl is USE_DEFAULT else to_seconds(lease_ttl)
+        seconds = self._lease_seconds(lease_ttl)
         if seconds is not None:
             return load_under_lease(self, bkey, loader, ttl, seconds)
         value = loader()
         self._counters.loads += 1
         self._fill(bkey, value, ttl)
         return value
+
+    def _lease_seconds(self, lease_ttl: TTL | UseDefault) -> float | None:
+        return self.lease_ttl if lease_ttl is USE_DEFAULT else to_seconds(lease_ttl)
 
     def _load_uncached(self, loader: Callable[[], V]) -> V:
         """Call the loader without storing: the cache failed or a lease holder hung."""

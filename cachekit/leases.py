@@ -24,10 +24,12 @@ one second and call the loader themselves, without storing its result.
 
 from __future__ import annotations
 
+import enum
+import functools
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cachekit.backends.base import MISSING
@@ -38,8 +40,9 @@ from cachekit.ttl import TTL, UseDefault
 if TYPE_CHECKING:
     from cachekit.cache import Cache
 
-__all__ = ["is_marker", "load_under_lease", "new_lease"]
+__all__ = ["is_marker", "load_many_under_lease", "load_under_lease", "new_lease"]
 
+K = TypeVar("K")
 V = TypeVar("V")
 
 _LEASE_TAG = MARKER_BYTE + b"L"
@@ -61,6 +64,12 @@ def is_marker(raw: Any) -> bool:
     return type(raw) is bytes and raw[:1] == MARKER_BYTE
 
 
+class _GiveUp(enum.Enum):
+    """The holder outlived its lease and the grace period: stop waiting."""
+
+    GIVE_UP = "GIVE_UP"
+
+
 def load_under_lease(
     cache: Cache,
     bkey: str,
@@ -69,13 +78,11 @@ def load_under_lease(
     lease_ttl: float,
 ) -> V:
     """The miss path: take the lease and load, or wait for the holder's value."""
-    backend = cache.backend
     deadline = None
-    delay = cache.lease_poll / 8
     while True:
-        marker = new_lease(backend.stores_objects)
+        marker = new_lease(cache.backend.stores_objects)
         try:
-            acquired = backend.add(bkey, marker, lease_ttl)
+            acquired = cache.backend.add(bkey, marker, lease_ttl)
         except CacheError as exc:
             cache._write_failed(exc)
             return cache._load_uncached(loader)
@@ -84,24 +91,93 @@ def load_under_lease(
         if deadline is None:
             cache._counters.lease_waits += 1
             deadline = time.monotonic() + lease_ttl + _GRACE
-        while True:
-            try:
-                raw = backend.get(bkey)
-            except CacheError as exc:
-                cache._read_failed(exc, count=0)
-                return cache._load_uncached(loader)
-            if raw is MISSING:
-                break  # released, expired or invalidated: compete for a new lease
-            if not is_marker(raw):
-                value = cache._decode(bkey, raw)
-                if value is MISSING:
-                    break  # undecodable, and now deleted
-                return value  # type: ignore[no-any-return]
-            if time.monotonic() >= deadline:
-                return cache._load_uncached(loader)  # the holder is stuck: don't wait forever
-            # Full jitter keeps waiters from polling in lockstep.
-            time.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - not cryptographic
-            delay = min(delay * 2, cache.lease_poll)
+        value = _wait_for_holder(cache, bkey, deadline)
+        if value is _GiveUp.GIVE_UP:
+            return cache._load_uncached(loader)
+        if value is not MISSING:
+            return value  # type: ignore[no-any-return]
+        # MISSING: the lease was released, expired or invalidated; compete again.
+
+
+def _wait_for_holder(cache: Cache, bkey: str, deadline: float) -> Any:
+    """Poll until the key holds a value (returned), no lease (MISSING), or time is up."""
+    delay = cache.lease_poll / 8
+    while True:
+        try:
+            raw = cache.backend.get(bkey)
+        except CacheError as exc:
+            cache._read_failed(exc, count=0)
+            return _GiveUp.GIVE_UP
+        if raw is MISSING:
+            return MISSING
+        if not is_marker(raw):
+            return cache._decode(bkey, raw)  # MISSING if undecodable (and now deleted)
+        if time.monotonic() >= deadline:
+            return _GiveUp.GIVE_UP
+        # Full jitter keeps waiters from polling in lockstep.
+        time.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - not cryptographic
+        delay = min(delay * 2, cache.lease_poll)
+
+
+def load_many_under_lease(
+    cache: Cache,
+    wanted: Mapping[str, K],
+    load_many: Callable[[list[K]], Mapping[K, Any]],
+    load_one: Callable[[K], Any],
+    *,
+    ttl: TTL | UseDefault,
+    lease_ttl: float,
+) -> dict[str, Any]:
+    """The batch miss path: one ``add_many`` for the leases, one ``load_many`` for the
+    keys leased, one ``compare_and_set_many`` per TTL to fill them. Keys leased by
+    someone else are waited for one by one. Returns ``{bkey: value or None}``.
+    ``load_many`` counts its own loader calls in the stats."""
+    markers = {bkey: new_lease(cache.backend.stores_objects) for bkey in wanted}
+    try:
+        leased = cache.backend.add_many(markers, lease_ttl)
+    except CacheError as exc:
+        cache._write_failed(exc)
+        leased = set()
+        markers = {}
+    mine = [bkey for bkey in wanted if bkey in leased]
+    results: dict[str, Any] = {}
+    if mine:
+        try:
+            loaded = load_many([wanted[bkey] for bkey in mine])
+        except BaseException:
+            for bkey in mine:
+                _release(cache, bkey, markers[bkey])
+            raise
+        results = {bkey: loaded.get(wanted[bkey]) for bkey in mine}
+        _fill_many(cache, {bkey: (markers[bkey], results[bkey]) for bkey in mine}, ttl)
+    for bkey, id_ in wanted.items():
+        if bkey not in leased:
+            results[bkey] = cache._load_and_fill(
+                bkey, functools.partial(load_one, id_), ttl, lease_ttl
+            )
+    return results
+
+
+def _fill_many(cache: Cache, fills: Mapping[str, tuple[Any, Any]], ttl: TTL | UseDefault) -> None:
+    """Store leased values ``{bkey: (marker, value)}``, one batch per resolved TTL."""
+    groups: dict[float | None, dict[str, tuple[Any, Any]]] = {}
+    for bkey, (marker, value) in fills.items():
+        seconds = cache._resolve_ttl(ttl, value)
+        if seconds == 0:  # a None with negative caching off
+            _release(cache, bkey, marker)
+            continue
+        try:
+            groups.setdefault(seconds, {})[bkey] = (marker, cache._encode(bkey, value))
+        except SerializationError as exc:
+            _release(cache, bkey, marker)
+            cache._write_failed(exc)
+    for seconds, items in groups.items():
+        try:
+            stored = cache.backend.compare_and_set_many(items, seconds)
+        except CacheError as exc:
+            cache._write_failed(exc)
+            continue
+        cache._counters.fills_rejected += len(items) - len(stored)
 
 
 def _load_as_holder(

@@ -6,11 +6,12 @@ so direct ``cache.get(view.key(7))`` calls and the view always agree.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from cachekit.backends.base import MISSING
-from cachekit.exceptions import CacheError
+from cachekit.leases import load_many_under_lease
 from cachekit.ttl import TTL, USE_DEFAULT, UseDefault
 
 if TYPE_CHECKING:
@@ -38,10 +39,12 @@ class ReadThroughView(Generic[K, V]):
         load: Callable[[K], V],
         load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
         ttl: TTL | UseDefault = USE_DEFAULT,
+        lease_ttl: TTL | UseDefault = USE_DEFAULT,
     ) -> None:
         self.cache = cache
         self.prefix = prefix
         self.ttl = ttl
+        self.lease_ttl = lease_ttl
         self._load = load
         self._load_many = load_many
         self._key_prefix = prefix + ":"
@@ -56,32 +59,39 @@ class ReadThroughView(Generic[K, V]):
         value = self.cache._lookup(bkey)
         if value is not MISSING:
             return value  # type: ignore[no-any-return]
-        return self.cache._load_and_fill(bkey, lambda: self._load(id), self.ttl)
+        return self.cache._load_and_fill(
+            bkey, functools.partial(self._load, id), self.ttl, self.lease_ttl
+        )
 
     def get_many(self, ids: Iterable[K]) -> dict[K, V]:
         """Return ``{id: value}`` for the ids that exist.
 
-        One backend read for all ids; the misses are loaded with one ``load_many``
-        call (or ``load`` per id without it) and stored with one ``set_many``.
+        One backend read for all ids; the misses are leased with one batch call,
+        loaded with one ``load_many`` call (or ``load`` per id without it) and stored
+        with one batch fill per TTL.
         """
         cache = self.cache
         by_bkey = {cache.backend_key(self.key(id_)): id_ for id_ in ids}
         found = cache._lookup_many(list(by_bkey))
-        result = {by_bkey[bkey]: value for bkey, value in found.items() if value is not None}
-        missing = [id_ for bkey, id_ in by_bkey.items() if bkey not in found]
+        missing = {bkey: id_ for bkey, id_ in by_bkey.items() if bkey not in found}
         if missing:
-            loaded = self._load_missing(missing)
-            fills = {}
-            for bkey, id_ in by_bkey.items():
-                if bkey not in found:
-                    value = loaded.get(id_)
-                    fills[bkey] = value
-                    if value is not None:
-                        result[id_] = value
-            cache._fill_many(fills, self.ttl)
-        return result
+            found.update(self._load_missing(missing))
+        return {by_bkey[bkey]: value for bkey, value in found.items() if value is not None}
 
-    def _load_missing(self, ids: list[K]) -> Mapping[K, Any]:
+    def _load_missing(self, missing: dict[str, K]) -> dict[str, Any]:
+        cache = self.cache
+        lease_ttl = cache._lease_seconds(self.lease_ttl)
+        if lease_ttl is not None:
+            return load_many_under_lease(
+                cache, missing, self._batch_loader, self._load, ttl=self.ttl, lease_ttl=lease_ttl
+            )
+        loaded = self._batch_loader(list(missing.values()))
+        values = {bkey: loaded.get(id_) for bkey, id_ in missing.items()}
+        cache._fill_many(values, self.ttl)
+        return values
+
+    def _batch_loader(self, ids: list[K]) -> Mapping[K, Any]:
+        """Load ids in one ``load_many`` call, or one ``load`` call each without it."""
         if self._load_many is not None:
             loaded = self._load_many(ids)
             self.cache._counters.loads += 1
@@ -101,9 +111,9 @@ class ReadThroughView(Generic[K, V]):
 class WriteThroughView(ReadThroughView[K, V]):
     """A read-through view whose writes reach the system of record first.
 
-    ``put`` calls ``save(id, value)`` and changes the cache only if it returned; a
-    failing ``save`` leaves the cache as it was. ``delete`` calls ``remove(id)``, then
-    drops the entry.
+    ``put`` calls ``save(id, value)`` and changes the cache only if it returned (a
+    failing ``save`` leaves the cache as it was), by invalidating the entry and
+    reloading it under a lease. ``delete`` calls ``remove(id)``, then drops the entry.
     """
 
     def __init__(
@@ -116,22 +126,29 @@ class WriteThroughView(ReadThroughView[K, V]):
         remove: Callable[[K], object],
         load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
         ttl: TTL | UseDefault = USE_DEFAULT,
+        lease_ttl: TTL | UseDefault = USE_DEFAULT,
     ) -> None:
-        super().__init__(cache, prefix, load=load, load_many=load_many, ttl=ttl)
+        super().__init__(
+            cache, prefix, load=load, load_many=load_many, ttl=ttl, lease_ttl=lease_ttl
+        )
         self._save = save
         self._remove = remove
 
     def put(self, id: K, value: V) -> None:
-        """Save ``value`` to the system of record, then store it in the cache."""
+        """Save ``value`` to the system of record, then refresh the cache from it.
+
+        The cache is never set unconditionally after the save: with two writers that
+        save A then B, an unconditional set could land A last. Instead the entry is
+        deleted, which also voids any fill in flight, and reloaded under a lease, so
+        the cache holds whatever the record holds once the last writer is done. This
+        costs one ``load`` per write and spares readers a stampede after it.
+
+        Raises:
+            BackendError: the entry could not be invalidated; it may be stale.
+        """
         self._save(id, value)
-        key = self.key(id)
-        try:
-            self.cache.set(key, value, ttl=self.ttl)
-        except CacheError:
-            # The record changed but the cache could not take the new value: the old
-            # entry must not survive, so drop it; if even that fails, say so loudly.
-            self.cache._counters.errors += 1
-            self.cache.delete(key)
+        self.invalidate(id)
+        self.get(id)
 
     def delete(self, id: K) -> None:
         """Remove ``id`` from the system of record, then from the cache."""

@@ -47,6 +47,14 @@ class CountingBackend:
     def compare_and_set(self, key: str, expected: Any, value: Any, ttl: float | None) -> bool:
         return self._call("compare_and_set", key, expected, value, ttl)  # type: ignore[no-any-return]
 
+    def add_many(self, items: Mapping[str, Any], ttl: float | None) -> set[str]:
+        return self._call("add_many", items, ttl)  # type: ignore[no-any-return]
+
+    def compare_and_set_many(
+        self, items: Mapping[str, tuple[Any, Any]], ttl: float | None
+    ) -> set[str]:
+        return self._call("compare_and_set_many", items, ttl)  # type: ignore[no-any-return]
+
     def compare_and_delete(self, key: str, expected: Any) -> bool:
         return self._call("compare_and_delete", key, expected)  # type: ignore[no-any-return]
 

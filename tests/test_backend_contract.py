@@ -122,6 +122,25 @@ def test_compare_and_set_matching_rule(backend: Backend, key: Key) -> None:
         assert backend.compare_and_set(key("k"), stored, b"new", None) is True
 
 
+def test_batch_add_and_compare_and_set(backend: Backend, key: Key) -> None:
+    taken = distinct(b"taken")
+    backend.set(key("taken"), taken, None)
+    new = {key(name): distinct(name.encode()) for name in ("a", "b", "taken")}
+    assert backend.add_many(new, 60) == {key("a"), key("b")}
+    assert backend.get(key("taken")) == b"taken"
+    swaps = {
+        key("a"): (new[key("a")], b"A"),  # still holds what add_many stored: swapped
+        key("b"): (b"something else", b"B"),  # does not match: kept
+        key("absent"): (b"x", b"X"),  # absent: never matches
+    }
+    assert backend.compare_and_set_many(swaps, None) == {key("a")}
+    assert backend.get_many([key("a"), key("b"), key("absent")]) == {
+        key("a"): b"A",
+        key("b"): b"b",
+    }
+    assert backend.add_many({}, None) == set() == backend.compare_and_set_many({}, None)
+
+
 def test_compare_and_delete_removes_only_a_matching_value(backend: Backend, key: Key) -> None:
     stored = distinct(b"lease")
     backend.set(key("k"), stored, None)

@@ -65,8 +65,10 @@ def test_get_many_is_one_read_one_load_many_one_write(namespace: str) -> None:
     assert result == {1: table.rows[1], 2: table.rows[2], 3: table.rows[3]}
     assert table.batches == [[2, 3, 42]] and table.single == [1]
     assert backend.calls["get_many"] == 1
-    assert backend.calls["set"] == 0
-    assert backend.calls["set_many"] == 2  # found rows, and the negative entry for 42
+    assert backend.calls["add_many"] == 1  # the leases of all misses, in one call
+    # One fill per TTL: the found rows, and the negative entry for 42 (none_ttl).
+    assert backend.calls["compare_and_set_many"] == 2
+    assert backend.calls["set"] + backend.calls["set_many"] + backend.calls["add"] == 0
     assert users.get_many([1, 2, 3, 42]) == result
     assert table.batches == [[2, 3, 42]]
 
@@ -94,7 +96,8 @@ def test_write_through_writes_the_record_first(cache: Cache) -> None:
     users = cache.write_through("user", load=table.load, save=table.save, remove=table.remove)
     users.put(1, {"id": 1, "v": 5})
     assert table.rows[1] == {"id": 1, "v": 5}
-    assert users.get(1) == {"id": 1, "v": 5} and table.single == []
+    assert table.single == [1]  # reloaded from the record under a lease, after the save
+    assert users.get(1) == {"id": 1, "v": 5} and table.single == [1]
     users.delete(1)
     assert table.log == ["save 1", "remove 1"]
     assert users.get(1) is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -96,6 +97,17 @@ class Backend(Protocol):
         ``expected`` matches by equality for bytes and by identity for stored objects.
         Returns whether the new value was stored; an absent key never matches.
         """
+        ...
+
+    def add_many(self, items: Mapping[str, Any], ttl: float | None) -> AbstractSet[str]:
+        """:meth:`add` for each item; return the keys stored. One round trip (per server)."""
+        ...
+
+    def compare_and_set_many(
+        self, items: Mapping[str, tuple[Any, Any]], ttl: float | None
+    ) -> AbstractSet[str]:
+        """:meth:`compare_and_set` for each ``key: (expected, value)``; return the keys
+        stored. Each key is atomic on its own; the batch as a whole is not."""
         ...
 
     def compare_and_delete(self, key: str, expected: Any) -> bool:

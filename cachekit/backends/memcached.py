@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Final, Protocol
 
 from cachekit.backends.base import MISSING, KeyPolicy
@@ -303,6 +304,46 @@ class MemcachedBackend:
         except _DRIVER_ERRORS as exc:
             raise _wrap("compare_and_set", exc) from exc
         return bool(stored)
+
+    def add_many(self, items: Mapping[str, Any], ttl: float | None) -> AbstractSet[str]:
+        """One pipelined write of ``add`` commands per server (pymemcache's internal
+        ``_store_cmd``, which its own ``set_many`` uses); per key on an injected
+        ``PooledClient``, which does not expose it."""
+        expire = _expire(ttl)
+        stored: set[str] = set()
+        try:
+            for node, keys in self._nodes.group(items).items():
+                batch = {key: items[key] for key in keys}
+                if node is None or isinstance(node, Client):  # None: our own pool of Clients
+                    result = self._nodes.run(node, "_store_cmd", b"add", batch, expire, False)
+                    stored.update(key for key, ok in result.items() if ok)
+                else:
+                    for key, value in batch.items():
+                        if self._nodes.run(node, "add", key, value, expire, noreply=False):
+                            stored.add(key)
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("add_many", exc) from exc
+        return stored
+
+    def compare_and_set_many(
+        self, items: Mapping[str, tuple[Any, Any]], ttl: float | None
+    ) -> AbstractSet[str]:
+        """One ``gets`` of every key per server, then one ``cas`` per matching key
+        (each ``cas`` carries its own token, so they cannot share a command)."""
+        expire = _expire(ttl)
+        stored: set[str] = set()
+        try:
+            for node, keys in self._nodes.group(items).items():
+                current = self._nodes.run(node, "gets_many", keys)
+                for key, (value, token) in current.items():
+                    expected, new = items[key]
+                    if value == expected and self._nodes.run(
+                        node, "cas", key, new, token, expire, noreply=False
+                    ):
+                        stored.add(key)
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("compare_and_set_many", exc) from exc
+        return stored
 
     def compare_and_delete(self, key: str, expected: Any) -> bool:
         """Delete the key if it equals ``expected``: ``gets``, compare, then ``cas``.

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from cachekit.backends.base import MISSING, KeyPolicy
@@ -115,6 +116,25 @@ class MemoryBackend:
                 return False
             self._store(key, value, ttl)
             return True
+
+    def add_many(self, items: Mapping[str, Any], ttl: float | None) -> AbstractSet[str]:
+        with self._lock:
+            stored = {key for key in items if self._live(key) is None}
+            for key in stored:
+                self._store(key, items[key], ttl)
+            return stored
+
+    def compare_and_set_many(
+        self, items: Mapping[str, tuple[Any, Any]], ttl: float | None
+    ) -> AbstractSet[str]:
+        with self._lock:
+            stored = set()
+            for key, (expected, value) in items.items():
+                entry = self._live(key)
+                if entry is not None and entry[0] is expected:
+                    self._store(key, value, ttl)
+                    stored.add(key)
+            return stored
 
     def compare_and_delete(self, key: str, expected: Any) -> bool:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Final
 
 from cachekit.backends.base import MISSING, KeyPolicy
@@ -200,6 +201,36 @@ class RedisBackend:
         except _DRIVER_ERRORS as exc:
             raise _wrap("compare-and-set script", exc) from exc
         return int(swapped) == 1
+
+    def add_many(self, items: Mapping[str, Any], ttl: float | None) -> AbstractSet[str]:
+        if not items:
+            return set()
+        px = None if ttl is None else _px(ttl)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in items.items():
+                pipe.set(encode_key(key), value, px=px, nx=True)
+            results = pipe.execute()
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("SET NX pipeline", exc) from exc
+        return {key for key, ok in zip(items, results, strict=True) if ok}
+
+    def compare_and_set_many(
+        self, items: Mapping[str, tuple[Any, Any]], ttl: float | None
+    ) -> AbstractSet[str]:
+        if not items:
+            return set()
+        px = 0 if ttl is None else _px(ttl)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key, (expected, value) in items.items():
+                self._compare_and_set(
+                    keys=[encode_key(key)], args=[expected, value, px], client=pipe
+                )
+            results = pipe.execute()
+        except _DRIVER_ERRORS as exc:
+            raise _wrap("compare-and-set pipeline", exc) from exc
+        return {key for key, ok in zip(items, results, strict=True) if int(ok) == 1}
 
     def compare_and_delete(self, key: str, expected: Any) -> bool:
         try:
