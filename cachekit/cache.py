@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, Unpack
 
 from cachekit.backends.base import MISSING, Backend
 from cachekit.decorators import CachedFunction, KeySpec, cached
-from cachekit.exceptions import CacheError, ConfigurationError, DecodeError
+from cachekit.exceptions import CacheError, ConfigurationError, DecodeError, SerializationError
+from cachekit.freshness import ENTRY_BYTE, Entry, pack, read_without_loader, serve, unpack
 from cachekit.keys import make_backend_key, validate_namespace
 from cachekit.leases import load_under_lease
 from cachekit.markers import MARKER_BYTE, Marker
+from cachekit.policy import FillPolicy, PolicyOptions, resolve
 from cachekit.serializers import JsonSerializer, Serializer
 from cachekit.stats import CacheStats, Counters
 from cachekit.ttl import TTL, USE_DEFAULT, UseDefault, to_seconds
@@ -51,6 +53,13 @@ class Cache:
             longest a loader may run before another caller takes over. ``None``
             turns leases off (plain get/load/set, open to stale sets and stampedes).
         lease_poll: the longest interval, in seconds, between a waiter's polls.
+        stale_ttl: opt-in stale-while-revalidate: how long past its TTL an entry is
+            still served while one caller reloads it (see :mod:`cachekit.freshness`).
+        early_refresh: opt-in XFetch ``beta`` (1.0 is the usual choice): refresh hot
+            entries shortly before they expire, by one caller, using the measured
+            load time.
+        clock: the wall clock of entry freshness, shared by every process reading
+            the server; inject one to test stale and early refresh without sleeping.
     """
 
     def __init__(
@@ -63,6 +72,9 @@ class Cache:
         serializer: Serializer | None = None,
         lease_ttl: TTL = 5.0,
         lease_poll: float = 0.05,
+        stale_ttl: TTL = None,
+        early_refresh: float | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(backend, Backend):
             raise ConfigurationError(
@@ -76,6 +88,12 @@ class Cache:
         if not isinstance(self.serializer, Serializer):
             raise ConfigurationError(f"{serializer!r} does not implement dumps(value, key)/loads")
         self.lease_ttl = to_seconds(lease_ttl, what="lease_ttl")
+        self.clock = clock
+        self.defaults = resolve(
+            FillPolicy(USE_DEFAULT, self.lease_ttl, None, None),
+            stale_ttl=stale_ttl,
+            early_refresh=early_refresh,
+        )
         if not (isinstance(lease_poll, int | float) and lease_poll > 0):
             raise ConfigurationError(f"lease_poll must be positive seconds, got {lease_poll!r}")
         self.lease_poll = float(lease_poll)
@@ -113,7 +131,15 @@ class Cache:
         and answered as a miss.
         """
         value = self._lookup(self.backend_key(key))
+        if type(value) is Entry:
+            return read_without_loader(self, value)
         return default if value is MISSING else value
+
+    def policy(
+        self, ttl: TTL | UseDefault = USE_DEFAULT, **options: Unpack[PolicyOptions]
+    ) -> FillPolicy:
+        """This cache's fill options with the given overrides, validated."""
+        return resolve(self.defaults, ttl=ttl, **options)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Return ``{key: value}`` for the keys that hit, in one backend round trip."""
@@ -150,25 +176,28 @@ class Cache:
         except CacheError as exc:
             self._read_failed(exc, count=len(bkeys))
             return {}
-        if self._objects:
-            found = {bkey: value for bkey, value in raw.items() if type(value) is not Marker}
-        else:
-            found = {}
-            for bkey, data in raw.items():
-                value = self._decode(bkey, data)
-                if value is not MISSING:
-                    found[bkey] = value
+        found = {}
+        for bkey, data in raw.items():
+            value = self._decode(bkey, data)
+            if type(value) is Entry:
+                found[bkey] = read_without_loader(self, value)
+            elif value is not MISSING:
+                found[bkey] = value
         self._counters.hits += len(found)
         self._counters.misses += len(bkeys) - len(found)
         return found
 
     def _decode(self, bkey: str, raw: Any) -> Any:
-        """Turn a stored entry into a value; markers and bad entries become MISSING."""
+        """Turn a stored entry into a value, or an :class:`Entry` for an annotated one;
+        markers and bad entries become MISSING."""
         if self._objects:
             return MISSING if type(raw) is Marker else raw
-        if raw[:1] == MARKER_BYTE:
-            return MISSING
+        head = raw[:1]
         try:
+            if head == MARKER_BYTE:
+                return MISSING
+            if head == ENTRY_BYTE:
+                return unpack(self, bkey, raw)
             return self.serializer.loads(raw, bkey)
         except DecodeError as exc:
             self._counters.decode_errors += 1
@@ -225,14 +254,14 @@ class Cache:
             self.backend.set_many(items, seconds)
 
     def _by_ttl(
-        self, mapping: Mapping[str, Any], ttl: TTL | UseDefault, *, backend_keys: bool = False
+        self, mapping: Mapping[str, Any], ttl: TTL | UseDefault
     ) -> dict[float | None, dict[str, Any]]:
         """Encode items and group them by resolved TTL, dropping what must not be stored."""
         groups: dict[float | None, dict[str, Any]] = {}
         for key, value in mapping.items():
             seconds = self._resolve_ttl(ttl, value)
             if seconds != 0:
-                bkey = key if backend_keys else self.backend_key(key)
+                bkey = self.backend_key(key)
                 groups.setdefault(seconds, {})[bkey] = self._encode(bkey, value)
         return groups
 
@@ -257,8 +286,7 @@ class Cache:
         key: str,
         loader: Callable[[], V],
         ttl: TTL | UseDefault = USE_DEFAULT,
-        *,
-        lease_ttl: TTL | UseDefault = USE_DEFAULT,
+        **options: Unpack[PolicyOptions],
     ) -> V:
         """Return the cached value, or call ``loader()``, store its result and return it.
 
@@ -266,32 +294,55 @@ class Cache:
         key call the loader once, and a value loaded before a concurrent write or
         invalidation is not stored. A ``None`` result is stored for ``none_ttl``. A
         backend failure never raises here: the loader's value is returned and the
-        failure counted.
+        failure counted. The keyword options override the cache's for this call.
         """
         bkey = self.backend_key(key)
         value = self._lookup(bkey)
-        if value is not MISSING:
+        if value is not MISSING and type(value) is not Entry:
             return value  # type: ignore[no-any-return]
-        return self._load_and_fill(bkey, loader, ttl, lease_ttl)
+        policy = self.policy(ttl, **options)
+        if value is MISSING:
+            return self._load_and_fill(bkey, loader, policy)
+        return serve(self, bkey, value, loader, policy)
 
-    def _load_and_fill(
-        self,
-        bkey: str,
-        loader: Callable[[], V],
-        ttl: TTL | UseDefault,
-        lease_ttl: TTL | UseDefault = USE_DEFAULT,
-    ) -> V:
+    def _load_and_fill(self, bkey: str, loader: Callable[[], V], policy: FillPolicy) -> V:
         """The miss path after a lookup missed: under a lease unless leases are off."""
-        seconds = self._lease_seconds(lease_ttl)
-        if seconds is not None:
-            return load_under_lease(self, bkey, loader, ttl, seconds)
-        value = loader()
-        self._counters.loads += 1
-        self._fill(bkey, value, ttl)
+        if policy.lease_ttl is not None:
+            return load_under_lease(self, bkey, loader, policy)
+        value, delta = self._timed_load(loader)
+        self._store_unleased(bkey, value, policy, delta)
         return value
 
-    def _lease_seconds(self, lease_ttl: TTL | UseDefault) -> float | None:
-        return self.lease_ttl if lease_ttl is USE_DEFAULT else to_seconds(lease_ttl)
+    def _store_unleased(self, bkey: str, value: Any, policy: FillPolicy, delta: float) -> None:
+        """Leases off: an unconditional set, open to the stale-set race leases close."""
+        try:
+            packed = self._pack_fill(bkey, value, policy, delta)
+            if packed is not None:
+                self.backend.set(bkey, *packed)
+        except (CacheError, SerializationError) as exc:
+            self._write_failed(exc)
+
+    def _timed_load(self, loader: Callable[[], V]) -> tuple[V, float]:
+        """Call the loader, count it, and measure it (early refresh needs the time)."""
+        start = time.monotonic()
+        value = loader()
+        self._counters.loads += 1
+        return value, time.monotonic() - start
+
+    def _pack_fill(
+        self, bkey: str, value: Any, policy: FillPolicy, delta: float
+    ) -> tuple[Any, float | None] | None:
+        """Encode a loaded value and its physical TTL; ``None`` if it must not be stored.
+
+        Raises:
+            SerializationError: the serializer cannot encode ``value``.
+        """
+        seconds = self._resolve_ttl(policy.ttl, value)
+        if seconds == 0:  # a None with negative caching off
+            return None
+        if policy.annotated:
+            return pack(self, bkey, value, seconds, policy=policy, delta=delta)
+        return self._encode(bkey, value), seconds
 
     def _load_uncached(self, loader: Callable[[], V]) -> V:
         """Call the loader without storing: the cache failed or a lease holder hung."""
@@ -299,28 +350,9 @@ class Cache:
         self._counters.loads += 1
         return value
 
-    def _write_failed(self, exc: CacheError) -> None:
+    def _write_failed(self, exc: CacheError | SerializationError) -> None:
         self._counters.errors += 1
         self._log(f"cache write failed: {exc!r}")
-
-    def _fill(self, bkey: str, value: Any, ttl: TTL | UseDefault) -> None:
-        """Store a loaded value; a backend failure is counted, never raised."""
-        seconds = self._resolve_ttl(ttl, value)
-        if seconds == 0:
-            return
-        data = self._encode(bkey, value)
-        try:
-            self.backend.set(bkey, data, seconds)
-        except CacheError as exc:
-            self._write_failed(exc)
-
-    def _fill_many(self, values: Mapping[str, Any], ttl: TTL | UseDefault) -> None:
-        """Store loaded values (by backend key); failures are counted, never raised."""
-        for seconds, items in self._by_ttl(values, ttl, backend_keys=True).items():
-            try:
-                self.backend.set_many(items, seconds)
-            except CacheError as exc:
-                self._write_failed(exc)
 
     # -- stats ------------------------------------------------------------------------------
 
@@ -339,10 +371,10 @@ class Cache:
         *,
         ttl: TTL | UseDefault = USE_DEFAULT,
         key: KeySpec | None = None,
-        lease_ttl: TTL | UseDefault = USE_DEFAULT,
+        **options: Unpack[PolicyOptions],
     ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
         """Decorate a function for cache-aside; see :func:`cachekit.decorators.cached`."""
-        return cached(self, ttl=ttl, key=key, lease_ttl=lease_ttl)
+        return cached(self, key=key, policy=self.policy(ttl, **options))
 
     def read_through(
         self,
@@ -351,9 +383,11 @@ class Cache:
         load: Callable[[K], V],
         load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
         ttl: TTL | UseDefault = USE_DEFAULT,
+        **options: Unpack[PolicyOptions],
     ) -> ReadThroughView[K, V]:
         """A keyed view whose misses are filled by ``load``/``load_many``."""
-        return ReadThroughView(self, prefix, load=load, load_many=load_many, ttl=ttl)
+        policy = self.policy(ttl, **options)
+        return ReadThroughView(self, prefix, load=load, load_many=load_many, policy=policy)
 
     def write_through(
         self,
@@ -364,8 +398,10 @@ class Cache:
         remove: Callable[[K], object],
         load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
         ttl: TTL | UseDefault = USE_DEFAULT,
+        **options: Unpack[PolicyOptions],
     ) -> WriteThroughView[K, V]:
         """A read-through view whose writes go to the system of record, then the cache."""
+        policy = self.policy(ttl, **options)
         return WriteThroughView(
-            self, prefix, load=load, save=save, remove=remove, load_many=load_many, ttl=ttl
+            self, prefix, load=load, save=save, remove=remove, load_many=load_many, policy=policy
         )

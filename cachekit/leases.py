@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -34,34 +33,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from cachekit.backends.base import MISSING
 from cachekit.exceptions import CacheError, SerializationError
-from cachekit.markers import MARKER_BYTE, Marker
-from cachekit.ttl import TTL, UseDefault
+from cachekit.freshness import Entry
+from cachekit.markers import is_marker, new_lease
+from cachekit.policy import FillPolicy
 
 if TYPE_CHECKING:
     from cachekit.cache import Cache
 
-__all__ = ["is_marker", "load_many_under_lease", "load_under_lease", "new_lease"]
+__all__ = ["load_many_under_lease", "load_under_lease"]
 
 K = TypeVar("K")
 V = TypeVar("V")
 
-_LEASE_TAG = MARKER_BYTE + b"L"
-_TOKEN_BYTES = 16
 # Waiters past the lease's own expiry allow this much for a new holder to appear.
 _GRACE = 1.0
-
-
-def new_lease(objects: bool) -> Any:
-    """A lease marker unique to this attempt: an object (memory) or bytes."""
-    token = os.urandom(_TOKEN_BYTES)
-    return Marker(token) if objects else _LEASE_TAG + token
-
-
-def is_marker(raw: Any) -> bool:
-    """Whether a raw stored entry is a cachekit marker rather than a value."""
-    if type(raw) is Marker:
-        return True
-    return type(raw) is bytes and raw[:1] == MARKER_BYTE
 
 
 class _GiveUp(enum.Enum):
@@ -70,14 +55,10 @@ class _GiveUp(enum.Enum):
     GIVE_UP = "GIVE_UP"
 
 
-def load_under_lease(
-    cache: Cache,
-    bkey: str,
-    loader: Callable[[], V],
-    ttl: TTL | UseDefault,
-    lease_ttl: float,
-) -> V:
+def load_under_lease(cache: Cache, bkey: str, loader: Callable[[], V], policy: FillPolicy) -> V:
     """The miss path: take the lease and load, or wait for the holder's value."""
+    lease_ttl = policy.lease_ttl
+    assert lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
     deadline = None
     while True:
         marker = new_lease(cache.backend.stores_objects)
@@ -87,7 +68,7 @@ def load_under_lease(
             cache._write_failed(exc)
             return cache._load_uncached(loader)
         if acquired:
-            return _load_as_holder(cache, bkey, marker, loader, ttl)
+            return _load_as_holder(cache, bkey, marker, loader, policy)
         if deadline is None:
             cache._counters.lease_waits += 1
             deadline = time.monotonic() + lease_ttl + _GRACE
@@ -111,7 +92,8 @@ def _wait_for_holder(cache: Cache, bkey: str, deadline: float) -> Any:
         if raw is MISSING:
             return MISSING
         if not is_marker(raw):
-            return cache._decode(bkey, raw)  # MISSING if undecodable (and now deleted)
+            value = cache._decode(bkey, raw)  # MISSING if undecodable (and now deleted)
+            return value.value if type(value) is Entry else value
         if time.monotonic() >= deadline:
             return _GiveUp.GIVE_UP
         # Full jitter keeps waiters from polling in lockstep.
@@ -119,58 +101,88 @@ def _wait_for_holder(cache: Cache, bkey: str, deadline: float) -> Any:
         delay = min(delay * 2, cache.lease_poll)
 
 
+def _load_as_holder(
+    cache: Cache, bkey: str, marker: Any, loader: Callable[[], V], policy: FillPolicy
+) -> V:
+    try:
+        value, delta = cache._timed_load(loader)
+    except BaseException:
+        _release(cache, bkey, marker)  # let a waiter take over now, not at lease expiry
+        raise
+    try:
+        packed = cache._pack_fill(bkey, value, policy, delta)
+    except SerializationError as exc:
+        # The call must still work; the error is the caller's to see in stats and logs.
+        _release(cache, bkey, marker)
+        cache._write_failed(exc)
+        return value
+    if packed is None:  # nothing to store (a None with negative caching off)
+        _release(cache, bkey, marker)
+        return value
+    try:
+        stored = cache.backend.compare_and_set(bkey, marker, *packed)
+    except CacheError as exc:
+        cache._write_failed(exc)
+        return value
+    if not stored:
+        cache._counters.fills_rejected += 1
+    return value
+
+
 def load_many_under_lease(
     cache: Cache,
     wanted: Mapping[str, K],
     load_many: Callable[[list[K]], Mapping[K, Any]],
     load_one: Callable[[K], Any],
-    *,
-    ttl: TTL | UseDefault,
-    lease_ttl: float,
+    policy: FillPolicy,
 ) -> dict[str, Any]:
     """The batch miss path: one ``add_many`` for the leases, one ``load_many`` for the
     keys leased, one ``compare_and_set_many`` per TTL to fill them. Keys leased by
     someone else are waited for one by one. Returns ``{bkey: value or None}``.
     ``load_many`` counts its own loader calls in the stats."""
+    assert policy.lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
     markers = {bkey: new_lease(cache.backend.stores_objects) for bkey in wanted}
     try:
-        leased = cache.backend.add_many(markers, lease_ttl)
+        leased = cache.backend.add_many(markers, policy.lease_ttl)
     except CacheError as exc:
         cache._write_failed(exc)
         leased = set()
-        markers = {}
     mine = [bkey for bkey in wanted if bkey in leased]
     results: dict[str, Any] = {}
     if mine:
+        start = time.monotonic()
         try:
             loaded = load_many([wanted[bkey] for bkey in mine])
         except BaseException:
             for bkey in mine:
                 _release(cache, bkey, markers[bkey])
             raise
+        delta = time.monotonic() - start
         results = {bkey: loaded.get(wanted[bkey]) for bkey in mine}
-        _fill_many(cache, {bkey: (markers[bkey], results[bkey]) for bkey in mine}, ttl)
+        fills = {bkey: (markers[bkey], results[bkey]) for bkey in mine}
+        _fill_many(cache, fills, policy, delta)
     for bkey, id_ in wanted.items():
         if bkey not in leased:
-            results[bkey] = cache._load_and_fill(
-                bkey, functools.partial(load_one, id_), ttl, lease_ttl
-            )
+            results[bkey] = cache._load_and_fill(bkey, functools.partial(load_one, id_), policy)
     return results
 
 
-def _fill_many(cache: Cache, fills: Mapping[str, tuple[Any, Any]], ttl: TTL | UseDefault) -> None:
-    """Store leased values ``{bkey: (marker, value)}``, one batch per resolved TTL."""
+def _fill_many(
+    cache: Cache, fills: Mapping[str, tuple[Any, Any]], policy: FillPolicy, delta: float
+) -> None:
+    """Store leased values ``{bkey: (marker, value)}``, one batch per physical TTL."""
     groups: dict[float | None, dict[str, tuple[Any, Any]]] = {}
     for bkey, (marker, value) in fills.items():
-        seconds = cache._resolve_ttl(ttl, value)
-        if seconds == 0:  # a None with negative caching off
-            _release(cache, bkey, marker)
-            continue
         try:
-            groups.setdefault(seconds, {})[bkey] = (marker, cache._encode(bkey, value))
+            packed = cache._pack_fill(bkey, value, policy, delta)
         except SerializationError as exc:
-            _release(cache, bkey, marker)
             cache._write_failed(exc)
+            packed = None
+        if packed is None:
+            _release(cache, bkey, marker)
+        else:
+            data, seconds = packed
+            groups.setdefault(seconds, {})[bkey] = (marker, data)
     for seconds, items in groups.items():
         try:
             stored = cache.backend.compare_and_set_many(items, seconds)
@@ -178,36 +190,6 @@ def _fill_many(cache: Cache, fills: Mapping[str, tuple[Any, Any]], ttl: TTL | Us
             cache._write_failed(exc)
             continue
         cache._counters.fills_rejected += len(items) - len(stored)
-
-
-def _load_as_holder(
-    cache: Cache, bkey: str, marker: Any, loader: Callable[[], V], ttl: TTL | UseDefault
-) -> V:
-    try:
-        value = loader()
-    except BaseException:
-        _release(cache, bkey, marker)  # let a waiter take over now, not at lease expiry
-        raise
-    cache._counters.loads += 1
-    seconds = cache._resolve_ttl(ttl, value)
-    if seconds == 0:  # a None with negative caching off: nothing to store
-        _release(cache, bkey, marker)
-        return value
-    try:
-        data = cache._encode(bkey, value)
-    except SerializationError as exc:
-        # The call must still work; the error is the caller's to see in stats and logs.
-        _release(cache, bkey, marker)
-        cache._write_failed(exc)
-        return value
-    try:
-        stored = cache.backend.compare_and_set(bkey, marker, data, seconds)
-    except CacheError as exc:
-        cache._write_failed(exc)
-        return value
-    if not stored:
-        cache._counters.fills_rejected += 1
-    return value
 
 
 def _release(cache: Cache, bkey: str, marker: Any) -> None:

@@ -6,11 +6,14 @@ value starting with :data:`MARKER_BYTE`, a byte no serializer may emit first.
 
 from __future__ import annotations
 
-from typing import Final
+import os
+from typing import Any, Final
 
-__all__ = ["MARKER_BYTE", "Marker"]
+__all__ = ["MARKER_BYTE", "Marker", "is_marker", "new_lease"]
 
 MARKER_BYTE: Final = b"\x00"
+_LEASE_TAG: Final = MARKER_BYTE + b"L"
+_TOKEN_BYTES: Final = 16
 
 
 class Marker:
@@ -23,3 +26,16 @@ class Marker:
 
     def __repr__(self) -> str:
         return f"Marker({self.token.hex()})"
+
+
+def new_lease(objects: bool) -> Any:
+    """A lease marker unique to this attempt: an object (memory) or bytes."""
+    token = os.urandom(_TOKEN_BYTES)
+    return Marker(token) if objects else _LEASE_TAG + token
+
+
+def is_marker(raw: Any) -> bool:
+    """Whether a raw stored entry is a cachekit marker rather than a value."""
+    if type(raw) is Marker:
+        return True
+    return type(raw) is bytes and raw[:1] == MARKER_BYTE

@@ -27,6 +27,9 @@ class CacheStats:
             instead of calling the loader (single-flight at work).
         fills_rejected: loaded values not stored because the key was written or
             invalidated while they loaded (the stale-set race, prevented).
+        stale_served: reads answered with an entry past its TTL, inside its
+            ``stale_ttl`` window (while another caller refreshed it, or because the
+            refresh failed).
     """
 
     hits: int = 0
@@ -36,6 +39,7 @@ class CacheStats:
     decode_errors: int = 0
     lease_waits: int = 0
     fills_rejected: int = 0
+    stale_served: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -55,6 +59,7 @@ class Counters:
         "lease_waits",
         "loads",
         "misses",
+        "stale_served",
     )
 
     def __init__(self) -> None:
@@ -65,6 +70,7 @@ class Counters:
         self.decode_errors = 0
         self.lease_waits = 0
         self.fills_rejected = 0
+        self.stale_served = 0
 
     def reset(self) -> None:
         """Zero every counter."""

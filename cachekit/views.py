@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from cachekit.backends.base import MISSING
+from cachekit.freshness import Entry, serve
 from cachekit.leases import load_many_under_lease
-from cachekit.ttl import TTL, USE_DEFAULT, UseDefault
+from cachekit.policy import FillPolicy
 
 if TYPE_CHECKING:
     from cachekit.cache import Cache
@@ -38,13 +39,11 @@ class ReadThroughView(Generic[K, V]):
         *,
         load: Callable[[K], V],
         load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
-        ttl: TTL | UseDefault = USE_DEFAULT,
-        lease_ttl: TTL | UseDefault = USE_DEFAULT,
+        policy: FillPolicy | None = None,
     ) -> None:
         self.cache = cache
         self.prefix = prefix
-        self.ttl = ttl
-        self.lease_ttl = lease_ttl
+        self.policy = cache.defaults if policy is None else policy
         self._load = load
         self._load_many = load_many
         self._key_prefix = prefix + ":"
@@ -57,11 +56,12 @@ class ReadThroughView(Generic[K, V]):
         """Return the value of ``id``, loading and caching it on a miss."""
         bkey = self.cache.backend_key(self.key(id))
         value = self.cache._lookup(bkey)
-        if value is not MISSING:
+        if value is not MISSING and type(value) is not Entry:
             return value  # type: ignore[no-any-return]
-        return self.cache._load_and_fill(
-            bkey, functools.partial(self._load, id), self.ttl, self.lease_ttl
-        )
+        loader = functools.partial(self._load, id)
+        if value is MISSING:
+            return self.cache._load_and_fill(bkey, loader, self.policy)
+        return serve(self.cache, bkey, value, loader, self.policy)
 
     def get_many(self, ids: Iterable[K]) -> dict[K, V]:
         """Return ``{id: value}`` for the ids that exist.
@@ -79,15 +79,15 @@ class ReadThroughView(Generic[K, V]):
         return {by_bkey[bkey]: value for bkey, value in found.items() if value is not None}
 
     def _load_missing(self, missing: dict[str, K]) -> dict[str, Any]:
-        cache = self.cache
-        lease_ttl = cache._lease_seconds(self.lease_ttl)
-        if lease_ttl is not None:
+        if self.policy.lease_ttl is not None:
             return load_many_under_lease(
-                cache, missing, self._batch_loader, self._load, ttl=self.ttl, lease_ttl=lease_ttl
+                self.cache, missing, self._batch_loader, self._load, self.policy
             )
+        # Leases off: plain loads and stores, each value through the single-key path.
         loaded = self._batch_loader(list(missing.values()))
         values = {bkey: loaded.get(id_) for bkey, id_ in missing.items()}
-        cache._fill_many(values, self.ttl)
+        for bkey, value in values.items():
+            self.cache._store_unleased(bkey, value, self.policy, 0.0)
         return values
 
     def _batch_loader(self, ids: list[K]) -> Mapping[K, Any]:
@@ -125,12 +125,9 @@ class WriteThroughView(ReadThroughView[K, V]):
         save: Callable[[K, V], object],
         remove: Callable[[K], object],
         load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
-        ttl: TTL | UseDefault = USE_DEFAULT,
-        lease_ttl: TTL | UseDefault = USE_DEFAULT,
+        policy: FillPolicy | None = None,
     ) -> None:
-        super().__init__(
-            cache, prefix, load=load, load_many=load_many, ttl=ttl, lease_ttl=lease_ttl
-        )
+        super().__init__(cache, prefix, load=load, load_many=load_many, policy=policy)
         self._save = save
         self._remove = remove
 

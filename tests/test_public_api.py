@@ -41,8 +41,8 @@ def test_all_is_sorted_and_importable(name: str) -> None:
 def test_top_level_names() -> None:
     public = {name for name in dir(cachekit) if not name.startswith("_")}
     submodules = {
-        "backends", "cache", "decorators", "exceptions", "keys", "leases", "markers",
-        "serializers", "stats", "ttl", "views",
+        "backends", "cache", "decorators", "exceptions", "freshness", "keys", "leases",
+        "markers", "policy", "serializers", "stats", "ttl", "views",
     }  # fmt: skip
     assert public - submodules == set(cachekit.__all__)
 
