@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ParamSpec, TypeVar, Unpack
 
 from cachekit.backends.base import MISSING, Backend
-from cachekit.decorators import CachedFunction, KeySpec, cached
+from cachekit.decorators import CachedFunction, KeySpec, TagSpec, cached
+from cachekit.entries import ENTRY_BYTE, Entry, Loaded, pack, unpack
 from cachekit.exceptions import CacheError, ConfigurationError, DecodeError, SerializationError
-from cachekit.freshness import ENTRY_BYTE, Entry, pack, read_without_loader, serve, unpack
+from cachekit.freshness import read_without_loader, serve
+from cachekit.invalidation import TagGuard, invalidate_tags, stale_entries
 from cachekit.keys import make_backend_key, validate_namespace
 from cachekit.leases import load_under_lease
 from cachekit.markers import MARKER_BYTE, Marker
@@ -36,6 +38,17 @@ V = TypeVar("V")
 
 _NONE_TTL_CAP = 30.0
 _LOG_INTERVAL = 10.0
+
+
+#: A function from a loaded value to its tags, or ``None`` for an untagged fill.
+TagsOf = Callable[[Any], Iterable[str]] | None
+
+
+def _tags_function(tags: Iterable[str] | Callable[[Any], Iterable[str]] | None) -> TagsOf:
+    if tags is None or callable(tags):
+        return tags
+    fixed = list(tags)
+    return lambda value: fixed
 
 
 class Cache:
@@ -157,14 +170,14 @@ class Cache:
         if raw is not MISSING:
             # Object backends are checked inline: one call less on the hottest path.
             if self._objects:
-                if type(raw) is not Marker:
-                    self._counters.hits += 1
-                    return raw
+                value = MISSING if type(raw) is Marker else raw
             else:
                 value = self._decode(bkey, raw)
-                if value is not MISSING:
-                    self._counters.hits += 1
-                    return value
+            if type(value) is Entry and value.tags and self._drop_invalidated({bkey: value}):
+                value = MISSING
+            if value is not MISSING:
+                self._counters.hits += 1
+                return value
         self._counters.misses += 1
         return MISSING
 
@@ -176,11 +189,14 @@ class Cache:
         except CacheError as exc:
             self._read_failed(exc, count=len(bkeys))
             return {}
+        decoded = {bkey: self._decode(bkey, data) for bkey, data in raw.items()}
+        entries = {bkey: value for bkey, value in decoded.items() if type(value) is Entry}
+        invalidated = self._drop_invalidated(entries) if entries else set()
         found = {}
-        for bkey, data in raw.items():
-            value = self._decode(bkey, data)
+        for bkey, value in decoded.items():
             if type(value) is Entry:
-                found[bkey] = read_without_loader(self, value)
+                if bkey not in invalidated:
+                    found[bkey] = read_without_loader(self, value)
             elif value is not MISSING:
                 found[bkey] = value
         self._counters.hits += len(found)
@@ -208,6 +224,16 @@ class Cache:
                 self._read_failed(delete_exc, count=0)
             return MISSING
 
+    def _drop_invalidated(self, entries: Mapping[str, Entry]) -> set[str]:
+        """Delete tagged entries whose tags were invalidated; return their keys."""
+        gone = stale_entries(self, entries)
+        for bkey in gone:
+            try:
+                self.backend.compare_and_delete(bkey, entries[bkey].raw)
+            except CacheError as exc:
+                self._write_failed(exc)  # still a miss; it stays unreadable
+        return gone
+
     def _read_failed(self, exc: CacheError, *, count: int = 1) -> None:
         self._counters.errors += 1
         self._counters.misses += count
@@ -230,12 +256,21 @@ class Cache:
             return self.none_ttl if value is None else self.ttl
         return to_seconds(ttl)
 
-    def set(self, key: str, value: Any, ttl: TTL | UseDefault = USE_DEFAULT) -> None:
+    def set(
+        self,
+        key: str,
+        value: Any,
+        ttl: TTL | UseDefault = USE_DEFAULT,
+        *,
+        tags: Iterable[str] | None = None,
+    ) -> None:
         """Store ``value`` under ``key``.
 
         Args:
             ttl: seconds or a timedelta; ``None`` for no expiry; omitted, the cache's
                 default (``none_ttl`` for a ``None`` value).
+            tags: key sets the entry belongs to: :meth:`invalidate_tags` with any of
+                them removes it (see :mod:`cachekit.invalidation`).
 
         Raises:
             SerializationError: the serializer cannot encode ``value`` (a TypeError).
@@ -245,7 +280,21 @@ class Cache:
         seconds = self._resolve_ttl(ttl, value)
         if seconds == 0:  # a None value with negative caching disabled
             return
-        self.backend.set(bkey, self._encode(bkey, value), seconds)
+        if tags is None:
+            self.backend.set(bkey, self._encode(bkey, value), seconds)
+            return
+        tokens = TagGuard(self).tokens(tags, self._token_ttl(), check_epoch=False)
+        loaded = Loaded(value, 0.0, tokens)
+        self.backend.set(bkey, *pack(self, bkey, loaded, seconds, None))
+
+    def invalidate_tags(self, tags: Iterable[str]) -> None:
+        """Remove every entry tagged with any of ``tags``, in two round trips.
+
+        Raises:
+            BackendError: the invalidation may not have happened; say so to the
+                caller rather than leave stale entries silently.
+        """
+        invalidate_tags(self, tags)
 
     def set_many(self, mapping: Mapping[str, Any], ttl: TTL | UseDefault = USE_DEFAULT) -> None:
         """Store every item, in one backend round trip per distinct TTL (``None`` values
@@ -286,6 +335,8 @@ class Cache:
         key: str,
         loader: Callable[[], V],
         ttl: TTL | UseDefault = USE_DEFAULT,
+        *,
+        tags: Iterable[str] | Callable[[V], Iterable[str]] | None = None,
         **options: Unpack[PolicyOptions],
     ) -> V:
         """Return the cached value, or call ``loader()``, store its result and return it.
@@ -294,55 +345,88 @@ class Cache:
         key call the loader once, and a value loaded before a concurrent write or
         invalidation is not stored. A ``None`` result is stored for ``none_ttl``. A
         backend failure never raises here: the loader's value is returned and the
-        failure counted. The keyword options override the cache's for this call.
+        failure counted. ``tags`` (a list, or a function of the loaded value) puts the
+        entry in key sets. The keyword options override the cache's for this call.
         """
         bkey = self.backend_key(key)
         value = self._lookup(bkey)
         if value is not MISSING and type(value) is not Entry:
             return value  # type: ignore[no-any-return]
         policy = self.policy(ttl, **options)
+        tags_of = _tags_function(tags)
         if value is MISSING:
-            return self._load_and_fill(bkey, loader, policy)
-        return serve(self, bkey, value, loader, policy)
+            return self._load_and_fill(bkey, loader, policy, tags_of)
+        return serve(self, bkey, value, loader, policy, tags_of)
 
-    def _load_and_fill(self, bkey: str, loader: Callable[[], V], policy: FillPolicy) -> V:
+    def _load_and_fill(
+        self, bkey: str, loader: Callable[[], V], policy: FillPolicy, tags_of: TagsOf = None
+    ) -> V:
         """The miss path after a lookup missed: under a lease unless leases are off."""
         if policy.lease_ttl is not None:
-            return load_under_lease(self, bkey, loader, policy)
-        value, delta = self._timed_load(loader)
-        self._store_unleased(bkey, value, policy, delta)
-        return value
+            return load_under_lease(self, bkey, loader, policy, tags_of)
+        loaded = self._timed_load(loader, tags_of)
+        self._store_unleased(bkey, loaded, policy)
+        return loaded.value  # type: ignore[no-any-return]
 
-    def _store_unleased(self, bkey: str, value: Any, policy: FillPolicy, delta: float) -> None:
+    def _store_unleased(self, bkey: str, loaded: Loaded, policy: FillPolicy) -> None:
         """Leases off: an unconditional set, open to the stale-set race leases close."""
         try:
-            packed = self._pack_fill(bkey, value, policy, delta)
+            packed = self._pack_fill(bkey, loaded, policy)
             if packed is not None:
                 self.backend.set(bkey, *packed)
         except (CacheError, SerializationError) as exc:
             self._write_failed(exc)
 
-    def _timed_load(self, loader: Callable[[], V]) -> tuple[V, float]:
-        """Call the loader, count it, and measure it (early refresh needs the time)."""
+    def _timed_load(self, loader: Callable[[], Any], tags_of: TagsOf = None) -> Loaded:
+        """Call the loader, count it and time it (early refresh reads the time); for a
+        tagged fill, read the tag epoch first and the tokens after (invalidation)."""
+        guard = None
+        if tags_of is not None:
+            try:
+                guard = TagGuard(self)
+            except CacheError as exc:
+                self._write_failed(exc)
         start = time.monotonic()
         value = loader()
         self._counters.loads += 1
-        return value, time.monotonic() - start
+        loaded = Loaded(value, time.monotonic() - start)
+        if tags_of is not None:
+            loaded.tags = self._tokens(guard, tags_of(value))
+            loaded.rejected = loaded.tags is None
+        return loaded
+
+    def _tokens(self, guard: TagGuard | None, tags: Iterable[str]) -> dict[str, str] | None:
+        """The tag tokens to store, or ``None`` when the fill must not be stored."""
+        if guard is None:
+            return None
+        try:
+            tokens = guard.tokens(tags, self._token_ttl())
+        except CacheError as exc:
+            self._write_failed(exc)
+            return None
+        if tokens is None:
+            self._counters.fills_rejected += 1  # a tag was invalidated during the load
+        return tokens
+
+    def _token_ttl(self) -> float | None:
+        return None if self.ttl is None else max(self.ttl, self.none_ttl or 0.0)
 
     def _pack_fill(
-        self, bkey: str, value: Any, policy: FillPolicy, delta: float
+        self, bkey: str, loaded: Loaded, policy: FillPolicy
     ) -> tuple[Any, float | None] | None:
         """Encode a loaded value and its physical TTL; ``None`` if it must not be stored.
 
         Raises:
-            SerializationError: the serializer cannot encode ``value``.
+            SerializationError: the serializer cannot encode the value.
         """
-        seconds = self._resolve_ttl(policy.ttl, value)
+        if loaded.rejected:
+            return None
+        seconds = self._resolve_ttl(policy.ttl, loaded.value)
         if seconds == 0:  # a None with negative caching off
             return None
-        if policy.annotated:
-            return pack(self, bkey, value, seconds, policy=policy, delta=delta)
-        return self._encode(bkey, value), seconds
+        if policy.annotated or loaded.tags:
+            return pack(self, bkey, loaded, seconds, policy.stale_ttl)
+        return self._encode(bkey, loaded.value), seconds
 
     def _load_uncached(self, loader: Callable[[], V]) -> V:
         """Call the loader without storing: the cache failed or a lease holder hung."""
@@ -371,10 +455,11 @@ class Cache:
         *,
         ttl: TTL | UseDefault = USE_DEFAULT,
         key: KeySpec | None = None,
+        tags: TagSpec | None = None,
         **options: Unpack[PolicyOptions],
     ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
         """Decorate a function for cache-aside; see :func:`cachekit.decorators.cached`."""
-        return cached(self, key=key, policy=self.policy(ttl, **options))
+        return cached(self, key=key, policy=self.policy(ttl, **options), tags=tags)
 
     def read_through(
         self,
@@ -383,11 +468,14 @@ class Cache:
         load: Callable[[K], V],
         load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
         ttl: TTL | UseDefault = USE_DEFAULT,
+        tags: Callable[[K, V], Iterable[str]] | None = None,
         **options: Unpack[PolicyOptions],
     ) -> ReadThroughView[K, V]:
         """A keyed view whose misses are filled by ``load``/``load_many``."""
         policy = self.policy(ttl, **options)
-        return ReadThroughView(self, prefix, load=load, load_many=load_many, policy=policy)
+        return ReadThroughView(
+            self, prefix, load=load, load_many=load_many, policy=policy, tags=tags
+        )
 
     def write_through(
         self,
@@ -398,10 +486,18 @@ class Cache:
         remove: Callable[[K], object],
         load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
         ttl: TTL | UseDefault = USE_DEFAULT,
+        tags: Callable[[K, V], Iterable[str]] | None = None,
         **options: Unpack[PolicyOptions],
     ) -> WriteThroughView[K, V]:
         """A read-through view whose writes go to the system of record, then the cache."""
         policy = self.policy(ttl, **options)
         return WriteThroughView(
-            self, prefix, load=load, save=save, remove=remove, load_many=load_many, policy=policy
+            self,
+            prefix,
+            load=load,
+            save=save,
+            remove=remove,
+            load_many=load_many,
+            policy=policy,
+            tags=tags,
         )

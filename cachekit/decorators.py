@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast
 
 from cachekit.backends.base import MISSING
+from cachekit.entries import Entry
 from cachekit.exceptions import CacheError
-from cachekit.freshness import Entry, serve
+from cachekit.freshness import serve
 from cachekit.markers import Marker
 from cachekit.policy import FillPolicy
 
@@ -31,8 +32,8 @@ R_co = TypeVar("R_co", covariant=True)
 #: function's arguments and returning the key.
 KeySpec = str | Callable[..., str]
 
-#: The miss path with this function's TTL and lease options bound: (bkey, loader).
-_Fill = Callable[[str, Callable[[], Any]], Any]
+#: Key sets of a result: a list, or ``tags(result, *args, **kwargs) -> list``.
+TagSpec = Iterable[str] | Callable[..., Iterable[str]]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _SELF_NAMES = ("self", "cls")
@@ -59,7 +60,9 @@ class CachedFunction(Protocol[P, R_co]):
 class _KeyMaker:
     """Builds the logical key of one call; all signature analysis happens once, here."""
 
-    def __init__(self, func: Callable[..., Any], spec: KeySpec | None) -> None:
+    def __init__(
+        self, func: Callable[..., Any], spec: KeySpec | None, tags: TagSpec | None = None
+    ) -> None:
         self.signature = inspect.signature(func)
         params = list(self.signature.parameters.values())
         self.names = tuple(p.name for p in params)
@@ -68,6 +71,19 @@ class _KeyMaker:
         self.skip_self = bool(params) and params[0].name in _SELF_NAMES
         self.prefix = f"{func.__module__}.{func.__qualname__}:"
         self.spec = spec
+        self.tags = tags
+
+    def tags_of(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[[Any], Iterable[str]] | None:
+        """The tags function of one call's result, or ``None`` for an untagged function."""
+        tags = self.tags
+        if tags is None:
+            return None
+        if callable(tags):
+            return lambda result: tags(result, *args, **kwargs)
+        fixed = list(tags)
+        return lambda result: fixed
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         spec = self.spec
@@ -110,7 +126,11 @@ class _KeyMaker:
 
 
 def cached(
-    cache: Cache, *, key: KeySpec | None = None, policy: FillPolicy
+    cache: Cache,
+    *,
+    key: KeySpec | None = None,
+    policy: FillPolicy,
+    tags: TagSpec | None = None,
 ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
     """Cache a function's results in ``cache`` (cache-aside); see ``Cache.cached``.
 
@@ -121,13 +141,15 @@ def cached(
             formatted with the bound arguments; or a callable taking the function's
             arguments and returning the key.
         policy: TTL, lease, stale window and early refresh (``cache.policy(...)``).
+        tags: key sets of each result: a list, or a callable taking the result and
+            then the function's arguments (``lambda result, org_id: [...]``).
 
     The key is logical (``cache.get(f.key(7))`` works); namespacing and any hashing
     happen in ``cache.backend_key``.
     """
 
     def decorate(func: Callable[P, R]) -> CachedFunction[P, R]:
-        make_key = _KeyMaker(func, key)
+        make_key = _KeyMaker(func, key, tags)
         if make_key.skip_self:
             return cast("CachedFunction[P, R]", _CachedMethod(cache, func, make_key, policy))
         return _wrap_function(cache, func, make_key, policy)
@@ -145,11 +167,12 @@ def _wrap_function(
     arity = make_key.arity if fast else -1
     full_prefix = cache.backend_key(make_key.prefix)
     chosen = _generic_wrapper(cache, func, make_key, policy, arity=arity, full_prefix=full_prefix)
-    # Annotated entries (stale_ttl, early_refresh) need the generic path's freshness check.
-    if cache.backend.stores_objects and not policy.annotated and arity == 1:
+    # Annotated entries (stale_ttl, early_refresh, tags) need the generic path's checks.
+    plain = not policy.annotated and make_key.tags is None
+    if cache.backend.stores_objects and plain and arity == 1:
         chosen = _object_wrapper(cache, func, fill, full_prefix, chosen)
     functools.update_wrapper(chosen, func)
-    controls = _Controls(cache, func, make_key, fill)
+    controls = _Controls(cache, func, make_key, policy)
     chosen.invalidate = controls.invalidate  # type: ignore[attr-defined]
     chosen.refresh = controls.refresh  # type: ignore[attr-defined]
     chosen.key = controls.key  # type: ignore[attr-defined]
@@ -182,9 +205,10 @@ def _generic_wrapper(
             return value  # type: ignore[no-any-return]
         # partial, not a lambda: a closure over args would cost every hit two cells.
         loader = functools.partial(func, *args, **kwargs)
+        tags_of = make_key.tags_of(args, kwargs)
         if value is MISSING:
-            return fill(bkey, loader, policy)
-        return serve(cache, bkey, value, loader, policy)
+            return fill(bkey, loader, policy, tags_of)
+        return serve(cache, bkey, value, loader, policy, tags_of)
 
     return wrapper
 
@@ -223,12 +247,12 @@ class _Controls(Generic[P, R]):
     """``invalidate``/``refresh``/``key`` for one function, given its full arguments."""
 
     def __init__(
-        self, cache: Cache, func: Callable[P, R], make_key: _KeyMaker, fill: _Fill
+        self, cache: Cache, func: Callable[P, R], make_key: _KeyMaker, policy: FillPolicy
     ) -> None:
         self.cache = cache
         self.func = func
         self.make_key = make_key
-        self.fill = fill
+        self.policy = policy
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         return self.make_key(args, kwargs)
@@ -241,7 +265,10 @@ class _Controls(Generic[P, R]):
         # a value older than one a concurrent caller loaded after a write.
         key = self.make_key(args, kwargs)
         self.cache.delete(key)
-        return self.fill(self.cache.backend_key(key), functools.partial(self.func, *args, **kwargs))  # type: ignore[no-any-return]
+        loader = functools.partial(self.func, *args, **kwargs)
+        tags_of = self.make_key.tags_of(args, kwargs)
+        bkey = self.cache.backend_key(key)
+        return self.cache._load_and_fill(bkey, loader, self.policy, tags_of)
 
 
 class _CachedMethod(Generic[P, R]):
@@ -256,9 +283,7 @@ class _CachedMethod(Generic[P, R]):
     ) -> None:
         functools.update_wrapper(self, func)
         self._call = _wrap_function(cache, func, make_key, policy)
-        self._controls = _Controls(
-            cache, func, make_key, functools.partial(cache._load_and_fill, policy=policy)
-        )
+        self._controls = _Controls(cache, func, make_key, policy)
 
     def __get__(self, obj: object, objtype: type | None = None) -> Any:
         if obj is None:

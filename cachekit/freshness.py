@@ -22,87 +22,41 @@ from __future__ import annotations
 
 import math
 import random
-import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from cachekit.exceptions import CacheError, DecodeError, SerializationError
+from cachekit.entries import FOREVER, Entry, Loaded
+from cachekit.exceptions import CacheError, SerializationError
 from cachekit.keys import make_backend_key
 from cachekit.markers import new_lease
 from cachekit.policy import FillPolicy
 
 if TYPE_CHECKING:
-    from cachekit.cache import Cache
+    from cachekit.cache import Cache, TagsOf
 
-__all__ = ["ENTRY_BYTE", "Entry", "pack", "read_without_loader", "serve", "unpack"]
+__all__ = ["read_without_loader", "serve"]
 
 V = TypeVar("V")
 
-#: First byte of an annotated entry in a byte backend (never a serializer's first byte).
-ENTRY_BYTE: Final = b"\x01"
-_HEADER = struct.Struct("!dd")  # fresh_until (wall clock), delta (load seconds)
-_FOREVER = math.inf
 
-
-class Entry:
-    """A value with its freshness metadata; stored as is by object backends."""
-
-    __slots__ = ("delta", "fresh_until", "raw", "value")
-
-    def __init__(self, value: Any, fresh_until: float, delta: float, raw: Any = None) -> None:
-        self.value = value
-        self.fresh_until = fresh_until
-        self.delta = delta
-        # What the backend holds, for compare_and_set: the bytes, or this very object.
-        self.raw = self if raw is None else raw
-
-
-def pack(
+def serve(  # noqa: PLR0917 - the miss path's arguments, plus the entry
     cache: Cache,
     bkey: str,
-    value: Any,
-    seconds: float | None,
-    *,
+    entry: Entry,
+    loader: Callable[[], V],
     policy: FillPolicy,
-    delta: float,
-) -> tuple[Any, float | None]:
-    """Encode ``value`` as an annotated entry; return it with its physical TTL.
-
-    Raises:
-        SerializationError: the serializer cannot encode ``value``.
-    """
-    fresh_until = _FOREVER if seconds is None else cache.clock() + seconds
-    physical = None if seconds is None else seconds + (policy.stale_ttl or 0.0)
-    if cache.backend.stores_objects:
-        return Entry(value, fresh_until, delta), physical
-    payload = cache.serializer.dumps(value, bkey)
-    return ENTRY_BYTE + _HEADER.pack(fresh_until, delta) + payload, physical
-
-
-def unpack(cache: Cache, bkey: str, raw: bytes) -> Entry:
-    """Decode an annotated entry read from a byte backend.
-
-    Raises:
-        DecodeError: a truncated header or an undecodable value.
-    """
-    start = len(ENTRY_BYTE) + _HEADER.size
-    if len(raw) < start:
-        raise DecodeError("truncated annotated entry")
-    fresh_until, delta = _HEADER.unpack_from(raw, len(ENTRY_BYTE))
-    return Entry(cache.serializer.loads(raw[start:], bkey), fresh_until, delta, raw)
-
-
-def serve(cache: Cache, bkey: str, entry: Entry, loader: Callable[[], V], policy: FillPolicy) -> V:
+    tags_of: TagsOf = None,
+) -> V:
     """Return the entry's value, refreshing it first if it is stale or due early."""
     now = cache.clock()
     stale = now >= entry.fresh_until
     if not stale and not _due_early(entry, now, policy.early_refresh):
         return entry.value  # type: ignore[no-any-return]
-    return _refresh(cache, bkey, entry, loader, policy, stale=stale)
+    return _refresh(cache, bkey, entry, loader, policy, tags_of=tags_of, stale=stale)
 
 
 def _due_early(entry: Entry, now: float, beta: float | None) -> bool:
-    if beta is None or entry.fresh_until == _FOREVER:
+    if beta is None or entry.fresh_until == FOREVER:
         return False
     draw = 1.0 - random.random()  # noqa: S311 - (0, 1], so the log is finite
     return now - entry.delta * beta * math.log(draw) >= entry.fresh_until
@@ -115,6 +69,7 @@ def _refresh(
     loader: Callable[[], V],
     policy: FillPolicy,
     *,
+    tags_of: TagsOf,
     stale: bool,
 ) -> V:
     lease_key = make_backend_key(cache.namespace + "!", bkey, cache.backend.key_policy)
@@ -128,13 +83,13 @@ def _refresh(
         return _served(cache, entry, stale)  # type: ignore[no-any-return]
     try:
         try:
-            value, delta = cache._timed_load(loader)
+            loaded = cache._timed_load(loader, tags_of)
         except Exception as exc:  # serve-stale-on-error: the caller still gets a value
             cache._counters.errors += 1
             cache._log(f"refresh of {bkey!r} failed, serving the cached value: {exc!r}")
             return _served(cache, entry, stale)  # type: ignore[no-any-return]
-        _store(cache, bkey, entry, value, policy=policy, delta=delta)
-        return value
+        _store(cache, bkey, entry, loaded, policy)
+        return loaded.value  # type: ignore[no-any-return]
     finally:
         try:
             cache.backend.compare_and_delete(lease_key, marker)
@@ -142,11 +97,9 @@ def _refresh(
             cache._write_failed(exc)  # the refresh lease expires on its own
 
 
-def _store(
-    cache: Cache, bkey: str, entry: Entry, value: Any, *, policy: FillPolicy, delta: float
-) -> None:
+def _store(cache: Cache, bkey: str, entry: Entry, loaded: Loaded, policy: FillPolicy) -> None:
     try:
-        packed = cache._pack_fill(bkey, value, policy, delta)
+        packed = cache._pack_fill(bkey, loaded, policy)
     except SerializationError as exc:
         cache._write_failed(exc)
         return

@@ -28,17 +28,17 @@ import enum
 import functools
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cachekit.backends.base import MISSING
+from cachekit.entries import Entry, Loaded
 from cachekit.exceptions import CacheError, SerializationError
-from cachekit.freshness import Entry
 from cachekit.markers import is_marker, new_lease
 from cachekit.policy import FillPolicy
 
 if TYPE_CHECKING:
-    from cachekit.cache import Cache
+    from cachekit.cache import Cache, TagsOf
 
 __all__ = ["load_many_under_lease", "load_under_lease"]
 
@@ -55,7 +55,13 @@ class _GiveUp(enum.Enum):
     GIVE_UP = "GIVE_UP"
 
 
-def load_under_lease(cache: Cache, bkey: str, loader: Callable[[], V], policy: FillPolicy) -> V:
+def load_under_lease(
+    cache: Cache,
+    bkey: str,
+    loader: Callable[[], V],
+    policy: FillPolicy,
+    tags_of: TagsOf = None,
+) -> V:
     """The miss path: take the lease and load, or wait for the holder's value."""
     lease_ttl = policy.lease_ttl
     assert lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
@@ -68,7 +74,7 @@ def load_under_lease(cache: Cache, bkey: str, loader: Callable[[], V], policy: F
             cache._write_failed(exc)
             return cache._load_uncached(loader)
         if acquired:
-            return _load_as_holder(cache, bkey, marker, loader, policy)
+            return _load_as_holder(cache, bkey, marker, loader, policy, tags_of)
         if deadline is None:
             cache._counters.lease_waits += 1
             deadline = time.monotonic() + lease_ttl + _GRACE
@@ -93,7 +99,11 @@ def _wait_for_holder(cache: Cache, bkey: str, deadline: float) -> Any:
             return MISSING
         if not is_marker(raw):
             value = cache._decode(bkey, raw)  # MISSING if undecodable (and now deleted)
-            return value.value if type(value) is Entry else value
+            if type(value) is not Entry:
+                return value
+            if value.tags and cache._drop_invalidated({bkey: value}):
+                return MISSING  # its tags were invalidated; it is gone now
+            return value.value
         if time.monotonic() >= deadline:
             return _GiveUp.GIVE_UP
         # Full jitter keeps waiters from polling in lockstep.
@@ -101,16 +111,22 @@ def _wait_for_holder(cache: Cache, bkey: str, deadline: float) -> Any:
         delay = min(delay * 2, cache.lease_poll)
 
 
-def _load_as_holder(
-    cache: Cache, bkey: str, marker: Any, loader: Callable[[], V], policy: FillPolicy
+def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
+    cache: Cache,
+    bkey: str,
+    marker: Any,
+    loader: Callable[[], V],
+    policy: FillPolicy,
+    tags_of: TagsOf,
 ) -> V:
     try:
-        value, delta = cache._timed_load(loader)
+        loaded = cache._timed_load(loader, tags_of)
     except BaseException:
         _release(cache, bkey, marker)  # let a waiter take over now, not at lease expiry
         raise
+    value: V = loaded.value
     try:
-        packed = cache._pack_fill(bkey, value, policy, delta)
+        packed = cache._pack_fill(bkey, loaded, policy)
     except SerializationError as exc:
         # The call must still work; the error is the caller's to see in stats and logs.
         _release(cache, bkey, marker)
@@ -134,12 +150,13 @@ def load_many_under_lease(
     wanted: Mapping[str, K],
     load_many: Callable[[list[K]], Mapping[K, Any]],
     load_one: Callable[[K], Any],
+    *,
     policy: FillPolicy,
+    tags_of: Callable[[K, Any], Iterable[str]] | None = None,
 ) -> dict[str, Any]:
     """The batch miss path: one ``add_many`` for the leases, one ``load_many`` for the
     keys leased, one ``compare_and_set_many`` per TTL to fill them. Keys leased by
-    someone else are waited for one by one. Returns ``{bkey: value or None}``.
-    ``load_many`` counts its own loader calls in the stats."""
+    someone else are waited for one by one. Returns ``{bkey: value or None}``."""
     assert policy.lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
     markers = {bkey: new_lease(cache.backend.stores_objects) for bkey in wanted}
     try:
@@ -147,34 +164,53 @@ def load_many_under_lease(
     except CacheError as exc:
         cache._write_failed(exc)
         leased = set()
-    mine = [bkey for bkey in wanted if bkey in leased]
+    mine = {bkey: wanted[bkey] for bkey in wanted if bkey in leased}
     results: dict[str, Any] = {}
     if mine:
-        start = time.monotonic()
+        batch_tags = None if tags_of is None else functools.partial(_batch_tags, tags_of, mine)
         try:
-            loaded = load_many([wanted[bkey] for bkey in mine])
+            batch = cache._timed_load(functools.partial(load_many, list(mine.values())), batch_tags)
         except BaseException:
             for bkey in mine:
                 _release(cache, bkey, markers[bkey])
             raise
-        delta = time.monotonic() - start
-        results = {bkey: loaded.get(wanted[bkey]) for bkey in mine}
-        fills = {bkey: (markers[bkey], results[bkey]) for bkey in mine}
-        _fill_many(cache, fills, policy, delta)
+        results = {bkey: batch.value.get(id_) for bkey, id_ in mine.items()}
+        fills = {
+            bkey: (markers[bkey], _one(batch, results[bkey], tags_of, id_))
+            for bkey, id_ in mine.items()
+        }
+        _fill_many(cache, fills, policy)
     for bkey, id_ in wanted.items():
         if bkey not in leased:
-            results[bkey] = cache._load_and_fill(bkey, functools.partial(load_one, id_), policy)
+            one_tags = None if tags_of is None else functools.partial(tags_of, id_)
+            load = functools.partial(load_one, id_)
+            results[bkey] = cache._load_and_fill(bkey, load, policy, one_tags)
     return results
 
 
-def _fill_many(
-    cache: Cache, fills: Mapping[str, tuple[Any, Any]], policy: FillPolicy, delta: float
-) -> None:
-    """Store leased values ``{bkey: (marker, value)}``, one batch per physical TTL."""
+def _batch_tags(
+    tags_of: Callable[[K, Any], Iterable[str]], ids: Mapping[str, K], loaded: Mapping[K, Any]
+) -> list[str]:
+    """Every tag of a batch, so that one read fetches all their tokens."""
+    return [tag for id_ in ids.values() for tag in tags_of(id_, loaded.get(id_))]
+
+
+def _one(
+    batch: Loaded, value: Any, tags_of: Callable[[K, Any], Iterable[str]] | None, id_: K
+) -> Loaded:
+    """One entry of a batch load, with the tokens of its own tags."""
+    if tags_of is None or batch.tags is None:
+        return Loaded(value, batch.delta, None, batch.rejected)
+    tokens = {tag: batch.tags[tag] for tag in tags_of(id_, value)}
+    return Loaded(value, batch.delta, tokens)
+
+
+def _fill_many(cache: Cache, fills: Mapping[str, tuple[Any, Loaded]], policy: FillPolicy) -> None:
+    """Store leased values ``{bkey: (marker, loaded)}``, one batch per physical TTL."""
     groups: dict[float | None, dict[str, tuple[Any, Any]]] = {}
-    for bkey, (marker, value) in fills.items():
+    for bkey, (marker, loaded) in fills.items():
         try:
-            packed = cache._pack_fill(bkey, value, policy, delta)
+            packed = cache._pack_fill(bkey, loaded, policy)
         except SerializationError as exc:
             cache._write_failed(exc)
             packed = None

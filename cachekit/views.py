@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from cachekit.backends.base import MISSING
-from cachekit.freshness import Entry, serve
+from cachekit.entries import Entry
+from cachekit.freshness import serve
 from cachekit.leases import load_many_under_lease
 from cachekit.policy import FillPolicy
 
@@ -30,6 +31,7 @@ class ReadThroughView(Generic[K, V]):
     ``load`` returns ``None`` for an id that does not exist; that answer is cached
     for the cache's ``none_ttl`` (negative caching). ``load_many`` returns a mapping
     that leaves out the ids it cannot find; those are cached as ``None`` too.
+    ``tags(id, value)`` puts each entry in key sets (:meth:`Cache.invalidate_tags`).
     """
 
     def __init__(
@@ -40,12 +42,14 @@ class ReadThroughView(Generic[K, V]):
         load: Callable[[K], V],
         load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
         policy: FillPolicy | None = None,
+        tags: Callable[[K, V], Iterable[str]] | None = None,
     ) -> None:
         self.cache = cache
         self.prefix = prefix
         self.policy = cache.defaults if policy is None else policy
         self._load = load
         self._load_many = load_many
+        self._tags = tags
         self._key_prefix = prefix + ":"
 
     def key(self, id: K) -> str:
@@ -59,9 +63,13 @@ class ReadThroughView(Generic[K, V]):
         if value is not MISSING and type(value) is not Entry:
             return value  # type: ignore[no-any-return]
         loader = functools.partial(self._load, id)
+        tags_of = self._tags_of(id)
         if value is MISSING:
-            return self.cache._load_and_fill(bkey, loader, self.policy)
-        return serve(self.cache, bkey, value, loader, self.policy)
+            return self.cache._load_and_fill(bkey, loader, self.policy, tags_of)
+        return serve(self.cache, bkey, value, loader, self.policy, tags_of)
+
+    def _tags_of(self, id: K) -> Callable[[Any], Iterable[str]] | None:
+        return None if self._tags is None else functools.partial(self._tags, id)
 
     def get_many(self, ids: Iterable[K]) -> dict[K, V]:
         """Return ``{id: value}`` for the ids that exist.
@@ -79,24 +87,25 @@ class ReadThroughView(Generic[K, V]):
         return {by_bkey[bkey]: value for bkey, value in found.items() if value is not None}
 
     def _load_missing(self, missing: dict[str, K]) -> dict[str, Any]:
-        if self.policy.lease_ttl is not None:
+        cache, policy = self.cache, self.policy
+        if policy.lease_ttl is not None:
             return load_many_under_lease(
-                self.cache, missing, self._batch_loader, self._load, self.policy
+                cache, missing, self._batch_loader, self._load, policy=policy, tags_of=self._tags
             )
-        # Leases off: plain loads and stores, each value through the single-key path.
-        loaded = self._batch_loader(list(missing.values()))
-        values = {bkey: loaded.get(id_) for bkey, id_ in missing.items()}
-        for bkey, value in values.items():
-            self.cache._store_unleased(bkey, value, self.policy, 0.0)
-        return values
+        # Leases off (the unprotected baseline): one load per id, no batching.
+        return {
+            bkey: cache._load_and_fill(
+                bkey, functools.partial(self._load, id_), policy, self._tags_of(id_)
+            )
+            for bkey, id_ in missing.items()
+        }
 
     def _batch_loader(self, ids: list[K]) -> Mapping[K, Any]:
-        """Load ids in one ``load_many`` call, or one ``load`` call each without it."""
+        """Load ids in one ``load_many`` call, or one ``load`` call each without it
+        (the caller counts one load; the extra per-id calls are counted here)."""
         if self._load_many is not None:
-            loaded = self._load_many(ids)
-            self.cache._counters.loads += 1
-            return loaded
-        self.cache._counters.loads += len(ids)
+            return self._load_many(ids)
+        self.cache._counters.loads += len(ids) - 1
         return {id_: self._load(id_) for id_ in ids}
 
     def invalidate(self, id: K) -> None:
@@ -126,8 +135,9 @@ class WriteThroughView(ReadThroughView[K, V]):
         remove: Callable[[K], object],
         load_many: Callable[[list[K]], Mapping[K, V]] | None = None,
         policy: FillPolicy | None = None,
+        tags: Callable[[K, V], Iterable[str]] | None = None,
     ) -> None:
-        super().__init__(cache, prefix, load=load, load_many=load_many, policy=policy)
+        super().__init__(cache, prefix, load=load, load_many=load_many, policy=policy, tags=tags)
         self._save = save
         self._remove = remove
 

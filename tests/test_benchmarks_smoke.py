@@ -11,10 +11,13 @@ BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "overhead.py
 SECTIONS = [
     "## in-process decorated hit",
     "## memory: get_many(100) vs 100 single gets",
+    "## memory miss: get_or_load on a new key, lease vs naive",
     "## redis hit",
     "## redis: get_many(100) vs 100 single gets",
+    "## redis miss: get_or_load on a new key, lease vs naive",
     "## memcached hit",
     "## memcached: get_many(100) vs 100 single gets",
+    "## memcached miss: get_or_load on a new key, lease vs naive",
 ]
 
 

@@ -11,6 +11,7 @@ import pytest
 from cachekit import MISSING, Cache, ConfigurationError
 from cachekit.backends.base import Backend
 from cachekit.backends.memory import MemoryBackend
+from cachekit.entries import Loaded
 from tests.support import FakeClock
 
 TTL, STALE = 10.0, 60.0
@@ -179,9 +180,9 @@ def test_early_refresh_follows_the_xfetch_rule(
     cache = Cache(backend, namespace=namespace, ttl=TTL, early_refresh=1.0, clock=clock)
     loads: list[int] = []
 
-    def timed_load(loader: Callable[[], int]) -> tuple[int, float]:
+    def timed_load(loader: Callable[[], int], tags_of: object = None) -> Loaded:
         loads.append(1)
-        return len(loads), 2.0  # every load "takes" 2 s
+        return Loaded(len(loads), 2.0)  # every load "takes" 2 s
 
     monkeypatch.setattr(cache, "_timed_load", timed_load)
     assert cache.get_or_load("k", lambda: 0) == 1

@@ -1,0 +1,108 @@
+"""Annotated entries: a value stored with the metadata freshness and key sets read.
+
+A plain entry is the serializer's bytes (or the object itself in memory) and costs
+nothing extra. An annotated entry, used only by callers that ask for stale-while-
+revalidate, early refresh or tags, also carries when it stops being fresh (wall
+clock, shared by every process), how long its load took, and the token of each of its
+tags at the time it was filled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from cachekit.exceptions import DecodeError
+
+if TYPE_CHECKING:
+    from cachekit.cache import Cache
+
+__all__ = ["ENTRY_BYTE", "FOREVER", "Entry", "Loaded", "pack", "unpack"]
+
+#: First byte of an annotated entry in a byte backend (never a serializer's first byte).
+ENTRY_BYTE: Final = b"\x01"
+#: ``fresh_until`` of an entry without expiry.
+FOREVER: Final = math.inf
+# fresh_until (wall clock), delta (load seconds), length of the tags blob.
+_HEADER = struct.Struct("!ddI")
+
+
+class Entry:
+    """A value with its metadata; object backends store the instance itself."""
+
+    __slots__ = ("delta", "fresh_until", "raw", "tags", "value")
+
+    def __init__(
+        self,
+        value: Any,
+        fresh_until: float,
+        delta: float,
+        tags: dict[str, str] | None = None,
+        raw: Any = None,
+    ) -> None:
+        self.value = value
+        self.fresh_until = fresh_until
+        self.delta = delta
+        self.tags = tags
+        # What the backend holds, for compare_and_set: the bytes, or this very object.
+        self.raw = self if raw is None else raw
+
+
+@dataclass(slots=True)
+class Loaded:
+    """A loader's result on its way to the cache.
+
+    Attributes:
+        value: what the loader returned (and what the caller gets, stored or not).
+        delta: seconds the load took, for early refresh.
+        tags: each tag's token at fill time, for a tagged entry.
+        rejected: a tag of this entry was invalidated while it loaded: don't store.
+    """
+
+    value: Any
+    delta: float
+    tags: dict[str, str] | None = None
+    rejected: bool = False
+
+
+def pack(
+    cache: Cache, bkey: str, loaded: Loaded, seconds: float | None, stale_ttl: float | None
+) -> tuple[Any, float | None]:
+    """Encode an annotated entry; return it with its physical TTL (``seconds`` plus
+    the stale window).
+
+    Raises:
+        SerializationError: the serializer cannot encode the value.
+    """
+    fresh_until = FOREVER if seconds is None else cache.clock() + seconds
+    physical = None if seconds is None else seconds + (stale_ttl or 0.0)
+    if cache.backend.stores_objects:
+        return Entry(loaded.value, fresh_until, loaded.delta, loaded.tags), physical
+    payload = cache.serializer.dumps(loaded.value, bkey)
+    tags = b"" if not loaded.tags else json.dumps(sorted(loaded.tags.items())).encode()
+    return ENTRY_BYTE + _HEADER.pack(
+        fresh_until, loaded.delta, len(tags)
+    ) + tags + payload, physical
+
+
+def unpack(cache: Cache, bkey: str, raw: bytes) -> Entry:
+    """Decode an annotated entry read from a byte backend.
+
+    Raises:
+        DecodeError: a truncated header or an undecodable value.
+    """
+    start = len(ENTRY_BYTE) + _HEADER.size
+    if len(raw) < start:
+        raise DecodeError("truncated annotated entry")
+    fresh_until, delta, size = _HEADER.unpack_from(raw, len(ENTRY_BYTE))
+    tags = None
+    if size:
+        try:
+            tags = {str(tag): str(token) for tag, token in json.loads(raw[start : start + size])}
+        except (ValueError, TypeError) as exc:
+            raise DecodeError(f"bad tags in annotated entry: {exc}") from exc
+    value = cache.serializer.loads(raw[start + size :], bkey)
+    return Entry(value, fresh_until, delta, tags, raw)

@@ -1,0 +1,130 @@
+"""Key sets (tags): invalidate every entry that depends on a tag, in bounded round trips.
+
+Each tag has a *token*, a random string stored under its own key. A tagged entry
+records the token of each of its tags when it is filled; a read compares them with the
+current tokens (one ``get_many``, so a tagged hit costs two round trips and an
+untagged one still one). Invalidating tags deletes their token keys: every entry that
+recorded them stops matching at once, whatever their number, in two round trips per
+call (one per server on a memcached pool). The same scheme serves every backend, and
+nothing leaks: invalidated entries expire with their TTL, token keys with theirs (a
+token key that expires early only turns its entries into misses).
+
+The race to close is a fill that loaded *before* a tag was invalidated and stores
+*after*. Tags usually come from the loaded value, so they are unknown when the load
+starts; instead every invalidation also replaces the namespace's *epoch*, which a
+tagged fill reads before it loads and again, with the tokens, before it stores. If the
+epoch moved, some tag was invalidated during the load and the fill is not stored. This
+is conservative (an unrelated invalidation costs a reload, never a stale entry).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from cachekit.backends.base import MISSING
+from cachekit.entries import Entry
+from cachekit.exceptions import CacheError
+from cachekit.keys import make_backend_key
+
+if TYPE_CHECKING:
+    from cachekit.cache import Cache
+
+__all__ = ["TagGuard", "invalidate_tags", "stale_entries"]
+
+_EPOCH = "epoch"
+
+
+def _token() -> str:
+    return os.urandom(8).hex()
+
+
+def _key(cache: Cache, name: str) -> str:
+    # "ns#" can never be produced by a user key, which is always under "ns:".
+    return make_backend_key(cache.namespace + "#", name, cache.backend.key_policy)
+
+
+def _tag_key(cache: Cache, tag: str) -> str:
+    return _key(cache, "tag:" + tag)
+
+
+def _decode(raw: Any) -> str | None:
+    if raw is MISSING:
+        return None
+    return raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+
+
+def _encode(cache: Cache, token: str) -> Any:
+    return token if cache.backend.stores_objects else token.encode("ascii")
+
+
+def invalidate_tags(cache: Cache, tags: Iterable[str]) -> None:
+    """Move the epoch, then drop the tags' tokens: two round trips for any number.
+
+    Raises:
+        BackendError: the invalidation may not have happened; entries may be stale.
+    """
+    keys = [_tag_key(cache, tag) for tag in dict.fromkeys(tags)]
+    if not keys:
+        return
+    cache.backend.set(_key(cache, _EPOCH), _encode(cache, _token()), None)
+    cache.backend.delete_many(keys)
+
+
+class TagGuard:
+    """The epoch seen before a tagged load; at fill time, the tokens to store with it."""
+
+    def __init__(self, cache: Cache) -> None:
+        self._cache = cache
+        self._epoch = _decode(cache.backend.get(_key(cache, _EPOCH)))
+
+    def tokens(
+        self, tags: Iterable[str], ttl: float | None, *, check_epoch: bool = True
+    ) -> dict[str, str] | None:
+        """Each tag's current token, creating missing ones; ``None`` if the epoch moved.
+
+        Raises:
+            BackendError: the tokens could not be read; the fill must not be stored.
+        """
+        cache = self._cache
+        wanted = {_tag_key(cache, tag): tag for tag in dict.fromkeys(tags)}
+        epoch_key = _key(cache, _EPOCH)
+        found = cache.backend.get_many([epoch_key, *wanted])
+        if _decode(found.pop(epoch_key, MISSING)) != self._epoch and check_epoch:
+            return None
+        tokens = {wanted[key]: _decode(raw) or "" for key, raw in found.items()}
+        missing = {key: _token() for key in wanted if key not in found}
+        if missing:
+            # A token outlives its entries' TTL where it can; if it goes first, its
+            # entries become misses, never stale hits.
+            added = cache.backend.add_many(
+                {key: _encode(cache, token) for key, token in missing.items()},
+                None if ttl is None else 2 * ttl,
+            )
+            if len(added) < len(missing):
+                return None  # created concurrently: don't guess which token is current
+            tokens.update({wanted[key]: token for key, token in missing.items()})
+        return tokens
+
+
+def stale_entries(cache: Cache, entries: Mapping[str, Entry]) -> set[str]:
+    """The backend keys of tagged entries whose tags were invalidated since their fill.
+
+    One ``get_many`` for all their tags. If the tokens cannot be read, every tagged
+    entry counts as stale: a read then falls through to the loader, as on a miss.
+    """
+    tagged = {bkey: entry.tags for bkey, entry in entries.items() if entry.tags}
+    if not tagged:
+        return set()
+    keys = {_tag_key(cache, tag) for tags in tagged.values() for tag in tags}
+    try:
+        current = {key: _decode(raw) for key, raw in cache.backend.get_many(list(keys)).items()}
+    except CacheError as exc:
+        cache._read_failed(exc, count=0)
+        return set(tagged)
+    return {
+        bkey
+        for bkey, tags in tagged.items()
+        if any(current.get(_tag_key(cache, tag)) != token for tag, token in tags.items())
+    }
