@@ -1,16 +1,19 @@
 """cachekit: a caching layer for data access, correct under concurrency and fast on hits."""
 
 from cachekit.backends.base import MISSING, Backend, Missing
+from cachekit.breaker import CircuitBreaker
 from cachekit.cache import Cache
 from cachekit.decorators import CachedFunction
 from cachekit.exceptions import (
     BackendError,
     BackendTimeout,
+    BackendUnavailable,
     CacheError,
     ConfigurationError,
     DecodeError,
     MissingDependencyError,
     SerializationError,
+    ValueTooLarge,
 )
 from cachekit.serializers import JsonSerializer, PickleSerializer, Serializer
 from cachekit.stats import CacheStats
@@ -24,10 +27,12 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendTimeout",
+    "BackendUnavailable",
     "Cache",
     "CacheError",
     "CacheStats",
     "CachedFunction",
+    "CircuitBreaker",
     "ConfigurationError",
     "DecodeError",
     "JsonSerializer",
@@ -37,5 +42,6 @@ __all__ = [
     "ReadThroughView",
     "SerializationError",
     "Serializer",
+    "ValueTooLarge",
     "WriteThroughView",
 ]

@@ -6,17 +6,26 @@ read-through, write-through, the decorator) shares one implementation of each ru
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ParamSpec, TypeVar, Unpack
 
 from cachekit.backends.base import MISSING, Backend
+from cachekit.breaker import BreakerBackend, CircuitBreaker
 from cachekit.decorators import CachedFunction, KeySpec, TagSpec, cached
 from cachekit.entries import ENTRY_BYTE, Entry, Loaded, pack, unpack
-from cachekit.exceptions import CacheError, ConfigurationError, DecodeError, SerializationError
+from cachekit.exceptions import (
+    UNSTORABLE,
+    CacheError,
+    ConfigurationError,
+    DecodeError,
+    ValueTooLarge,
+)
 from cachekit.freshness import read_without_loader, serve
 from cachekit.invalidation import TagGuard, invalidate_tags, stale_entries
+from cachekit.journal import Journal
 from cachekit.keys import make_backend_key, validate_namespace
 from cachekit.leases import load_under_lease
 from cachekit.markers import MARKER_BYTE, Marker
@@ -73,6 +82,11 @@ class Cache:
             load time.
         clock: the wall clock of entry freshness, shared by every process reading
             the server; inject one to test stale and early refresh without sleeping.
+        breaker: the circuit breaker of a network backend (a default one unless
+            ``None``); see :mod:`cachekit.breaker`. In-process backends get none.
+        max_value_size: the largest encoded value stored, in bytes; larger ones are
+            counted (``stats().oversize``) and not stored. Defaults to the backend's
+            limit (memcached's item size), if it has one.
     """
 
     def __init__(
@@ -88,12 +102,25 @@ class Cache:
         stale_ttl: TTL = None,
         early_refresh: float | None = None,
         clock: Callable[[], float] = time.time,
+        breaker: CircuitBreaker | UseDefault | None = USE_DEFAULT,
+        max_value_size: int | UseDefault | None = USE_DEFAULT,
     ) -> None:
         if not isinstance(backend, Backend):
             raise ConfigurationError(
                 f"{backend!r} does not implement the cachekit Backend contract"
             )
+        if breaker is USE_DEFAULT:
+            breaker = None if backend.stores_objects else CircuitBreaker()
+        self.breaker = breaker
         self.backend = backend
+        # What every call goes through: the backend, behind its breaker if it has one.
+        self.store: Backend = backend if breaker is None else BreakerBackend(backend, breaker)
+        self.max_value_size: int | None = (
+            getattr(backend, "max_value_size", None)
+            if max_value_size is USE_DEFAULT
+            else max_value_size
+        )
+        self.journal = Journal()
         self.namespace = validate_namespace(namespace)
         self.ttl = to_seconds(ttl)
         self.none_ttl = self._none_ttl(none_ttl)
@@ -113,7 +140,7 @@ class Cache:
         self._prefix = self.namespace + ":"
         self._policy = backend.key_policy
         self._objects = backend.stores_objects
-        self._backend_get = backend.get
+        self._backend_get = self.store.get
         self._counters = Counters()
         self._last_log = float("-inf")
 
@@ -162,6 +189,9 @@ class Cache:
 
     def _lookup(self, bkey: str) -> Any:
         """The hit path: one backend call, then decode; counts the outcome."""
+        if self.journal and self._journaled(bkey):
+            self._counters.misses += 1
+            return MISSING
         try:
             raw = self._backend_get(bkey)
         except CacheError as exc:
@@ -182,10 +212,12 @@ class Cache:
         return MISSING
 
     def _lookup_many(self, bkeys: list[str]) -> dict[str, Any]:
+        if self.journal:
+            bkeys = [bkey for bkey in bkeys if not self._journaled(bkey)]
         if not bkeys:
             return {}
         try:
-            raw = self.backend.get_many(bkeys)
+            raw = self.store.get_many(bkeys)
         except CacheError as exc:
             self._read_failed(exc, count=len(bkeys))
             return {}
@@ -219,17 +251,21 @@ class Cache:
             self._counters.decode_errors += 1
             self._log(f"dropping undecodable entry {bkey!r}: {exc}")
             try:
-                self.backend.delete(bkey)
+                self.store.delete(bkey)
             except CacheError as delete_exc:
                 self._read_failed(delete_exc, count=0)
             return MISSING
+
+    def _journaled(self, bkey: str) -> bool:
+        """Whether ``bkey`` has an invalidation still to replay (after trying to)."""
+        return not self.journal.settle(self) and bkey in self.journal.keys
 
     def _drop_invalidated(self, entries: Mapping[str, Entry]) -> set[str]:
         """Delete tagged entries whose tags were invalidated; return their keys."""
         gone = stale_entries(self, entries)
         for bkey in gone:
             try:
-                self.backend.compare_and_delete(bkey, entries[bkey].raw)
+                self.store.compare_and_delete(bkey, entries[bkey].raw)
             except CacheError as exc:
                 self._write_failed(exc)  # still a miss; it stays unreadable
         return gone
@@ -249,7 +285,21 @@ class Cache:
     # -- writes ---------------------------------------------------------------------------
 
     def _encode(self, bkey: str, value: Any) -> Any:
-        return value if self._objects else self.serializer.dumps(value, bkey)
+        """Serialize for a byte backend, enforcing its item size limit.
+
+        Raises:
+            SerializationError: the serializer cannot encode ``value``.
+            ValueTooLarge: the encoded value is over ``max_value_size`` (counted).
+        """
+        if self._objects:
+            return value
+        data = self.serializer.dumps(value, bkey)
+        if self.max_value_size is not None and len(data) > self.max_value_size:
+            self._counters.oversize += 1
+            raise ValueTooLarge(
+                f"{len(data)} bytes for {bkey!r} is over the limit of {self.max_value_size}"
+            )
+        return data
 
     def _resolve_ttl(self, ttl: TTL | UseDefault, value: Any = MISSING) -> float | None:
         if ttl is USE_DEFAULT:
@@ -281,26 +331,37 @@ class Cache:
         if seconds == 0:  # a None value with negative caching disabled
             return
         if tags is None:
-            self.backend.set(bkey, self._encode(bkey, value), seconds)
+            try:
+                data = self._encode(bkey, value)
+            except ValueTooLarge:
+                self.delete(key)  # the caller meant to replace it: never leave the old one
+                raise
+            self.store.set(bkey, data, seconds)
             return
         tokens = TagGuard(self).tokens(tags, self._token_ttl(), check_epoch=False)
         loaded = Loaded(value, 0.0, tokens)
-        self.backend.set(bkey, *pack(self, bkey, loaded, seconds, None))
+        self.store.set(bkey, *pack(self, bkey, loaded, seconds, None))
 
     def invalidate_tags(self, tags: Iterable[str]) -> None:
         """Remove every entry tagged with any of ``tags``, in two round trips.
 
+        If the backend fails, the tags are journaled (:mod:`cachekit.journal`):
+        honoured by this cache at once and replayed when the server answers.
+
         Raises:
-            BackendError: the invalidation may not have happened; say so to the
-                caller rather than leave stale entries silently.
+            BackendError: the journal is full, so the invalidation is lost.
         """
-        invalidate_tags(self, tags)
+        tags = list(tags)
+        try:
+            invalidate_tags(self, tags)
+        except CacheError as exc:
+            self._defer(exc, tags=tags)
 
     def set_many(self, mapping: Mapping[str, Any], ttl: TTL | UseDefault = USE_DEFAULT) -> None:
         """Store every item, in one backend round trip per distinct TTL (``None`` values
         take ``none_ttl``, as in :meth:`set`)."""
         for seconds, items in self._by_ttl(mapping, ttl).items():
-            self.backend.set_many(items, seconds)
+            self.store.set_many(items, seconds)
 
     def _by_ttl(
         self, mapping: Mapping[str, Any], ttl: TTL | UseDefault
@@ -317,16 +378,32 @@ class Cache:
     def delete(self, key: str) -> None:
         """Remove ``key``; removing an absent key is not an error.
 
+        If the backend fails, the delete is journaled (:mod:`cachekit.journal`):
+        this cache treats the key as a miss at once and replays the delete when the
+        server answers, so the old entry is never read again.
+
         Raises:
-            BackendError: the backend failed; the entry may still be there.
+            BackendError: the journal is full, so the invalidation is lost.
         """
-        self.backend.delete(self.backend_key(key))
+        self.delete_many([key])
 
     def delete_many(self, keys: Iterable[str]) -> None:
-        """Remove every key, in one backend round trip."""
+        """Remove every key, in one backend round trip; failures are journaled."""
         bkeys = [self.backend_key(key) for key in keys]
-        if bkeys:
-            self.backend.delete_many(bkeys)
+        if not bkeys:
+            return
+        try:
+            self.store.delete_many(bkeys) if len(bkeys) > 1 else self.store.delete(bkeys[0])
+        except CacheError as exc:
+            self._defer(exc, keys=bkeys)
+
+    def _defer(
+        self, exc: CacheError, *, keys: Iterable[str] = (), tags: Iterable[str] = ()
+    ) -> None:
+        keys, tags = list(keys), list(tags)
+        self.journal.record(keys=keys, tags=tags)
+        self._counters.invalidations_deferred += len(keys) + len(tags)
+        self._log(f"invalidation failed, journaled for replay: {exc!r}")
 
     # -- cache-aside ----------------------------------------------------------------------
 
@@ -373,8 +450,8 @@ class Cache:
         try:
             packed = self._pack_fill(bkey, loaded, policy)
             if packed is not None:
-                self.backend.set(bkey, *packed)
-        except (CacheError, SerializationError) as exc:
+                self.store.set(bkey, *packed)
+        except (CacheError, *UNSTORABLE) as exc:
             self._write_failed(exc)
 
     def _timed_load(self, loader: Callable[[], Any], tags_of: TagsOf = None) -> Loaded:
@@ -421,6 +498,10 @@ class Cache:
         """
         if loaded.rejected:
             return None
+        if self.journal and (
+            bkey in self.journal.keys or (loaded.tags and self.journal.tags & loaded.tags.keys())
+        ):
+            return None  # an invalidation of it is still to be replayed
         seconds = self._resolve_ttl(policy.ttl, loaded.value)
         if seconds == 0:  # a None with negative caching off
             return None
@@ -434,15 +515,24 @@ class Cache:
         self._counters.loads += 1
         return value
 
-    def _write_failed(self, exc: CacheError | SerializationError) -> None:
+    def _write_failed(self, exc: Exception) -> None:
         self._counters.errors += 1
         self._log(f"cache write failed: {exc!r}")
 
     # -- stats ------------------------------------------------------------------------------
 
     def stats(self) -> CacheStats:
-        """Return a snapshot of the counters."""
-        return self._counters.snapshot()
+        """Return a snapshot of the counters, the journal and the breaker."""
+        stats = self._counters.snapshot()
+        stats = dataclasses.replace(stats, pending_invalidations=len(self.journal))
+        if self.breaker is None:
+            return stats
+        return dataclasses.replace(
+            stats,
+            breaker_state=self.breaker.state,
+            breaker_opened=self.breaker.opened,
+            short_circuited=self.breaker.short_circuited,
+        )
 
     def reset_stats(self) -> None:
         """Zero the counters."""

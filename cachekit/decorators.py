@@ -163,13 +163,13 @@ def _wrap_function(
     fill = functools.partial(cache._load_and_fill, policy=policy)
     # The common call shape builds its backend key inline, with no call: only for
     # default keys of plain functions on backends that take any key string.
-    fast = make_key.spec is None and not make_key.skip_self and cache.backend.key_policy is None
+    fast = make_key.spec is None and not make_key.skip_self and cache.store.key_policy is None
     arity = make_key.arity if fast else -1
     full_prefix = cache.backend_key(make_key.prefix)
     chosen = _generic_wrapper(cache, func, make_key, policy, arity=arity, full_prefix=full_prefix)
     # Annotated entries (stale_ttl, early_refresh, tags) need the generic path's checks.
     plain = not policy.annotated and make_key.tags is None
-    if cache.backend.stores_objects and plain and arity == 1:
+    if cache.store.stores_objects and plain and arity == 1:
         chosen = _object_wrapper(cache, func, fill, full_prefix, chosen)
     functools.update_wrapper(chosen, func)
     controls = _Controls(cache, func, make_key, policy)
@@ -222,7 +222,7 @@ def _object_wrapper(
 ) -> Callable[P, R]:
     """The in-process, one-argument case, with Cache._lookup inlined: every call or
     branch saved here is ~5% of a hit (measured against cachetools.cached)."""
-    backend_get = cache.backend.get
+    backend_get = cache.store.get
     counters = cache._counters
 
     def object_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:

@@ -79,9 +79,9 @@ def pack(
     """
     fresh_until = FOREVER if seconds is None else cache.clock() + seconds
     physical = None if seconds is None else seconds + (stale_ttl or 0.0)
-    if cache.backend.stores_objects:
+    if cache.store.stores_objects:
         return Entry(loaded.value, fresh_until, loaded.delta, loaded.tags), physical
-    payload = cache.serializer.dumps(loaded.value, bkey)
+    payload = cache._encode(bkey, loaded.value)
     tags = b"" if not loaded.tags else json.dumps(sorted(loaded.tags.items())).encode()
     return ENTRY_BYTE + _HEADER.pack(
         fresh_until, loaded.delta, len(tags)

@@ -7,8 +7,10 @@
      ├── MissingDependencyError (ImportError) an optional driver is not installed
      ├── SerializationError (TypeError)       a value the serializer cannot encode
      ├── DecodeError (ValueError)             a stored entry that fails to verify or decode
+     ├── ValueTooLarge (ValueError)           an encoded value over the backend's size limit
      └── BackendError                         the cache server failed; wraps the driver error
-          └── BackendTimeout (TimeoutError)   ... by not answering within its budget
+          ├── BackendTimeout (TimeoutError)   ... by not answering within its budget
+          └── BackendUnavailable              ... repeatedly: the circuit breaker is open
 
 Driver exceptions are wrapped once, at the backend edge, with ``raise ... from exc``,
 so callers never need to import redis-py or pymemcache to handle a cache failure.
@@ -19,11 +21,13 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "BackendTimeout",
+    "BackendUnavailable",
     "CacheError",
     "ConfigurationError",
     "DecodeError",
     "MissingDependencyError",
     "SerializationError",
+    "ValueTooLarge",
 ]
 
 
@@ -53,6 +57,18 @@ class BackendError(CacheError):
 
 class BackendTimeout(BackendError, TimeoutError):
     """A backend call did not finish within its time budget."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend failed repeatedly and its circuit breaker is open; no call was made."""
+
+
+class ValueTooLarge(CacheError, ValueError):
+    """An encoded value exceeds the backend's item size limit; it was not stored."""
+
+
+#: What a fill catches when a loaded value cannot be stored: the call still succeeds.
+UNSTORABLE = (SerializationError, ValueTooLarge)
 
 
 def missing_dependency(module: str, extra: str) -> MissingDependencyError:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cachekit.entries import FOREVER, Entry, Loaded
-from cachekit.exceptions import CacheError, SerializationError
+from cachekit.exceptions import UNSTORABLE, CacheError
 from cachekit.keys import make_backend_key
 from cachekit.markers import new_lease
 from cachekit.policy import FillPolicy
@@ -72,10 +72,10 @@ def _refresh(
     tags_of: TagsOf,
     stale: bool,
 ) -> V:
-    lease_key = make_backend_key(cache.namespace + "!", bkey, cache.backend.key_policy)
-    marker = new_lease(cache.backend.stores_objects)
+    lease_key = make_backend_key(cache.namespace + "!", bkey, cache.store.key_policy)
+    marker = new_lease(cache.store.stores_objects)
     try:
-        acquired = cache.backend.add(lease_key, marker, policy.lease_ttl or cache.lease_ttl)
+        acquired = cache.store.add(lease_key, marker, policy.lease_ttl or cache.lease_ttl)
     except CacheError as exc:
         cache._write_failed(exc)
         acquired = False
@@ -92,7 +92,7 @@ def _refresh(
         return loaded.value  # type: ignore[no-any-return]
     finally:
         try:
-            cache.backend.compare_and_delete(lease_key, marker)
+            cache.store.compare_and_delete(lease_key, marker)
         except CacheError as exc:
             cache._write_failed(exc)  # the refresh lease expires on its own
 
@@ -100,14 +100,14 @@ def _refresh(
 def _store(cache: Cache, bkey: str, entry: Entry, loaded: Loaded, policy: FillPolicy) -> None:
     try:
         packed = cache._pack_fill(bkey, loaded, policy)
-    except SerializationError as exc:
+    except UNSTORABLE as exc:
         cache._write_failed(exc)
         return
     try:
         if packed is None:
-            stored = cache.backend.compare_and_delete(bkey, entry.raw)
+            stored = cache.store.compare_and_delete(bkey, entry.raw)
         else:
-            stored = cache.backend.compare_and_set(bkey, entry.raw, *packed)
+            stored = cache.store.compare_and_set(bkey, entry.raw, *packed)
     except CacheError as exc:
         cache._write_failed(exc)
         return

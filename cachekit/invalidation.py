@@ -42,7 +42,7 @@ def _token() -> str:
 
 def _key(cache: Cache, name: str) -> str:
     # "ns#" can never be produced by a user key, which is always under "ns:".
-    return make_backend_key(cache.namespace + "#", name, cache.backend.key_policy)
+    return make_backend_key(cache.namespace + "#", name, cache.store.key_policy)
 
 
 def _tag_key(cache: Cache, tag: str) -> str:
@@ -56,7 +56,7 @@ def _decode(raw: Any) -> str | None:
 
 
 def _encode(cache: Cache, token: str) -> Any:
-    return token if cache.backend.stores_objects else token.encode("ascii")
+    return token if cache.store.stores_objects else token.encode("ascii")
 
 
 def invalidate_tags(cache: Cache, tags: Iterable[str]) -> None:
@@ -68,8 +68,8 @@ def invalidate_tags(cache: Cache, tags: Iterable[str]) -> None:
     keys = [_tag_key(cache, tag) for tag in dict.fromkeys(tags)]
     if not keys:
         return
-    cache.backend.set(_key(cache, _EPOCH), _encode(cache, _token()), None)
-    cache.backend.delete_many(keys)
+    cache.store.set(_key(cache, _EPOCH), _encode(cache, _token()), None)
+    cache.store.delete_many(keys)
 
 
 class TagGuard:
@@ -77,7 +77,7 @@ class TagGuard:
 
     def __init__(self, cache: Cache) -> None:
         self._cache = cache
-        self._epoch = _decode(cache.backend.get(_key(cache, _EPOCH)))
+        self._epoch = _decode(cache.store.get(_key(cache, _EPOCH)))
 
     def tokens(
         self, tags: Iterable[str], ttl: float | None, *, check_epoch: bool = True
@@ -90,7 +90,7 @@ class TagGuard:
         cache = self._cache
         wanted = {_tag_key(cache, tag): tag for tag in dict.fromkeys(tags)}
         epoch_key = _key(cache, _EPOCH)
-        found = cache.backend.get_many([epoch_key, *wanted])
+        found = cache.store.get_many([epoch_key, *wanted])
         if _decode(found.pop(epoch_key, MISSING)) != self._epoch and check_epoch:
             return None
         tokens = {wanted[key]: _decode(raw) or "" for key, raw in found.items()}
@@ -98,7 +98,7 @@ class TagGuard:
         if missing:
             # A token outlives its entries' TTL where it can; if it goes first, its
             # entries become misses, never stale hits.
-            added = cache.backend.add_many(
+            added = cache.store.add_many(
                 {key: _encode(cache, token) for key, token in missing.items()},
                 None if ttl is None else 2 * ttl,
             )
@@ -117,9 +117,15 @@ def stale_entries(cache: Cache, entries: Mapping[str, Entry]) -> set[str]:
     tagged = {bkey: entry.tags for bkey, entry in entries.items() if entry.tags}
     if not tagged:
         return set()
+    if cache.journal.tags:  # invalidations not replayed yet are honoured here
+        pending = {bkey for bkey, tags in tagged.items() if cache.journal.tags & tags.keys()}
+        if pending:
+            return pending | stale_entries(
+                cache, {bkey: entries[bkey] for bkey in tagged if bkey not in pending}
+            )
     keys = {_tag_key(cache, tag) for tags in tagged.values() for tag in tags}
     try:
-        current = {key: _decode(raw) for key, raw in cache.backend.get_many(list(keys)).items()}
+        current = {key: _decode(raw) for key, raw in cache.store.get_many(list(keys)).items()}
     except CacheError as exc:
         cache._read_failed(exc, count=0)
         return set(tagged)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from cachekit.backends.base import MISSING
 from cachekit.entries import Entry, Loaded
-from cachekit.exceptions import CacheError, SerializationError
+from cachekit.exceptions import UNSTORABLE, CacheError
 from cachekit.markers import is_marker, new_lease
 from cachekit.policy import FillPolicy
 
@@ -67,9 +67,9 @@ def load_under_lease(
     assert lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
     deadline = None
     while True:
-        marker = new_lease(cache.backend.stores_objects)
+        marker = new_lease(cache.store.stores_objects)
         try:
-            acquired = cache.backend.add(bkey, marker, lease_ttl)
+            acquired = cache.store.add(bkey, marker, lease_ttl)
         except CacheError as exc:
             cache._write_failed(exc)
             return cache._load_uncached(loader)
@@ -91,7 +91,7 @@ def _wait_for_holder(cache: Cache, bkey: str, deadline: float) -> Any:
     delay = cache.lease_poll / 8
     while True:
         try:
-            raw = cache.backend.get(bkey)
+            raw = cache.store.get(bkey)
         except CacheError as exc:
             cache._read_failed(exc, count=0)
             return _GiveUp.GIVE_UP
@@ -127,7 +127,7 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
     value: V = loaded.value
     try:
         packed = cache._pack_fill(bkey, loaded, policy)
-    except SerializationError as exc:
+    except UNSTORABLE as exc:
         # The call must still work; the error is the caller's to see in stats and logs.
         _release(cache, bkey, marker)
         cache._write_failed(exc)
@@ -136,7 +136,7 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
         _release(cache, bkey, marker)
         return value
     try:
-        stored = cache.backend.compare_and_set(bkey, marker, *packed)
+        stored = cache.store.compare_and_set(bkey, marker, *packed)
     except CacheError as exc:
         cache._write_failed(exc)
         return value
@@ -158,9 +158,9 @@ def load_many_under_lease(
     keys leased, one ``compare_and_set_many`` per TTL to fill them. Keys leased by
     someone else are waited for one by one. Returns ``{bkey: value or None}``."""
     assert policy.lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
-    markers = {bkey: new_lease(cache.backend.stores_objects) for bkey in wanted}
+    markers = {bkey: new_lease(cache.store.stores_objects) for bkey in wanted}
     try:
-        leased = cache.backend.add_many(markers, policy.lease_ttl)
+        leased = cache.store.add_many(markers, policy.lease_ttl)
     except CacheError as exc:
         cache._write_failed(exc)
         leased = set()
@@ -211,7 +211,7 @@ def _fill_many(cache: Cache, fills: Mapping[str, tuple[Any, Loaded]], policy: Fi
     for bkey, (marker, loaded) in fills.items():
         try:
             packed = cache._pack_fill(bkey, loaded, policy)
-        except SerializationError as exc:
+        except UNSTORABLE as exc:
             cache._write_failed(exc)
             packed = None
         if packed is None:
@@ -221,7 +221,7 @@ def _fill_many(cache: Cache, fills: Mapping[str, tuple[Any, Loaded]], policy: Fi
             groups.setdefault(seconds, {})[bkey] = (marker, data)
     for seconds, items in groups.items():
         try:
-            stored = cache.backend.compare_and_set_many(items, seconds)
+            stored = cache.store.compare_and_set_many(items, seconds)
         except CacheError as exc:
             cache._write_failed(exc)
             continue
@@ -230,6 +230,6 @@ def _fill_many(cache: Cache, fills: Mapping[str, tuple[Any, Loaded]], policy: Fi
 
 def _release(cache: Cache, bkey: str, marker: Any) -> None:
     try:
-        cache.backend.compare_and_delete(bkey, marker)
+        cache.store.compare_and_delete(bkey, marker)
     except CacheError as exc:
         cache._write_failed(exc)  # the lease will expire on its own

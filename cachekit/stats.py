@@ -7,7 +7,7 @@ measurements, not as an audit log.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 __all__ = ["CacheStats", "Counters"]
 
@@ -30,6 +30,13 @@ class CacheStats:
         stale_served: reads answered with an entry past its TTL, inside its
             ``stale_ttl`` window (while another caller refreshed it, or because the
             refresh failed).
+        oversize: values not stored because they exceed the backend's item limit.
+        invalidations_deferred: keys and tags whose invalidation failed and was
+            journaled (honoured locally, replayed when the server answers).
+        pending_invalidations: journaled invalidations not yet replayed.
+        breaker_state: ``"closed"``, ``"open"``, ``"half-open"``, or ``"none"``.
+        breaker_opened: how many times the circuit breaker opened.
+        short_circuited: calls refused while the breaker was open.
     """
 
     hits: int = 0
@@ -40,6 +47,12 @@ class CacheStats:
     lease_waits: int = 0
     fills_rejected: int = 0
     stale_served: int = 0
+    oversize: int = 0
+    invalidations_deferred: int = 0
+    pending_invalidations: int = 0
+    breaker_state: str = "none"
+    breaker_opened: int = 0
+    short_circuited: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -56,9 +69,11 @@ class Counters:
         "errors",
         "fills_rejected",
         "hits",
+        "invalidations_deferred",
         "lease_waits",
         "loads",
         "misses",
+        "oversize",
         "stale_served",
     )
 
@@ -71,6 +86,8 @@ class Counters:
         self.lease_waits = 0
         self.fills_rejected = 0
         self.stale_served = 0
+        self.oversize = 0
+        self.invalidations_deferred = 0
 
     def reset(self) -> None:
         """Zero every counter."""
@@ -78,4 +95,4 @@ class Counters:
 
     def snapshot(self) -> CacheStats:
         """Copy the counters into an immutable :class:`CacheStats`."""
-        return CacheStats(**{f.name: getattr(self, f.name) for f in fields(CacheStats)})
+        return CacheStats(**{name: getattr(self, name) for name in self.__slots__})

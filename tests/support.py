@@ -81,3 +81,17 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class FlakyBackend(CountingBackend):
+    """A backend whose server can be taken down and brought back by the test."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.down = False
+
+    def _call(self, name: str, *args: Any) -> Any:
+        if self.down:
+            self.calls[name] += 1
+            raise BackendError(f"{name}: connection refused")
+        return super()._call(name, *args)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import redis
-from pymemcache.client.base import Client
+from pymemcache.client.base import Client, PooledClient
 from pymemcache.client.hash import HashClient
+from pymemcache.exceptions import MemcacheUnknownCommandError
 from pymemcache.serde import pickle_serde
 
 from cachekit.backends.base import MISSING
@@ -18,7 +20,8 @@ from cachekit.backends.memcached import MemcachedBackend
 from cachekit.backends.redis import RedisBackend
 from cachekit.exceptions import BackendError, BackendTimeout, ConfigurationError
 from cachekit.keys import encode_key
-from tests.conftest import RedisCommands
+from cachekit.markers import new_lease
+from tests.conftest import MEMCACHED_ADDRESS, RedisCommands, counting_client_class
 
 N = 100
 DAY = 24 * 3600
@@ -384,3 +387,221 @@ def test_memcached_values_must_be_bytes() -> None:
     with pytest.raises(TypeError, match="bytes"):
         backend.set("k", "text", None)
     backend.close()
+
+
+# -- memcached: add keeps its cas token, so a lease swap is one round trip -----------
+
+
+@dataclass
+class Counted:
+    """A memcached backend whose round trips land in ``trips`` as (server, command)."""
+
+    backend: MemcachedBackend
+    trips: Counter[tuple[Any, str]]
+    raws: list[Client] = field(default_factory=list)
+
+    def commands(self) -> dict[str, int]:
+        """Round trips per command, over every server."""
+        commands: Counter[str] = Counter()
+        for (_, command), n in self.trips.items():
+            commands[command] += n
+        return dict(commands)
+
+    def raw(self, key: str) -> Client:
+        """A plain client on the server that holds ``key``: another writer."""
+        node = self.backend._nodes.node_for(key)
+        server = MEMCACHED_ADDRESS if node is None else node.server
+        client = Client(server, timeout=2.0, connect_timeout=2.0, default_noreply=False)
+        self.raws.append(client)
+        return client
+
+
+LEASE_SETUPS = ["server list", "ring", "injected Client", "injected PooledClient", "ring given"]
+
+
+@pytest.fixture(params=LEASE_SETUPS)
+def counted(request: pytest.FixtureRequest, memcached_server: tuple[str, int]) -> Iterator[Counted]:
+    """Each way of building the backend, on the real memcached (and a second one)."""
+    options: dict[str, Any] = {"timeout": 2.0, "connect_timeout": 2.0}
+    owned: list[Any] = []
+    if request.param in ("server list", "ring"):
+        # The fixture patches the module's Client, which the backend builds its own with.
+        trips = request.getfixturevalue("round_trips")
+        servers = [memcached_server]
+        if request.param == "ring":
+            servers.append(request.getfixturevalue("second_memcached"))
+        backend = MemcachedBackend([_address(s) for s in servers], **options)
+    else:
+        trips = Counter()
+        counting = counting_client_class(trips)
+        client: Any
+        if request.param == "injected Client":
+            client = counting(memcached_server, **options)
+        elif request.param == "injected PooledClient":
+            client = PooledClient(memcached_server, **options)
+            client.client_class = counting
+        else:
+
+            class CountingHashClient(HashClient):  # type: ignore[misc]
+                client_class = counting
+
+            client = CountingHashClient([memcached_server], **options)
+        owned.append(client)
+        backend = MemcachedBackend(client)
+    counted = Counted(backend, trips)
+    yield counted
+    backend.close()
+    for client in counted.raws:
+        client.close()
+    for client in owned:
+        client.close()
+
+
+def _marker() -> bytes:
+    marker: bytes = new_lease(objects=False)
+    return marker
+
+
+@pytest.mark.memcached
+def test_memcached_add_then_swap_is_two_round_trips(counted: Counted, namespace: str) -> None:
+    backend, key, marker = counted.backend, f"{namespace}:k", _marker()
+    assert backend.add(key, marker, 10) is True
+    assert backend.compare_and_set(key, marker, b"value", 60) is True
+    assert counted.commands() == {"ms": 1, "cas": 1}
+    assert len({server for server, _ in counted.trips}) == 1  # both on the key's server
+    assert backend.get(key) == b"value"
+
+    counted.trips.clear()
+    marker = _marker()
+    assert backend.add(key + "d", marker, 10) is True
+    assert backend.compare_and_delete(key + "d", marker) is True
+    assert counted.commands() == {"ms": 1, "cas": 1}
+    assert backend.get(key + "d") is MISSING
+
+    counted.trips.clear()
+    assert backend.add(key, marker, 10) is False  # present: NS, nothing remembered
+    assert counted.commands() == {"ms": 1}
+    backend.delete(key)
+
+
+@pytest.mark.memcached
+def test_memcached_meta_add_writes_what_plain_add_writes(
+    memcached_server: tuple[str, int], memcached_client: Client, namespace: str
+) -> None:
+    backend = MemcachedBackend(_address(memcached_server), timeout=2.0, connect_timeout=2.0)
+    key, value = f"{namespace}:k", b"\x00L\r\n raw \xff bytes"
+    assert backend.add(key, value, None) is True
+    assert memcached_client.raw_command(f"mg {key} f t s") == b"HD f0 t-1 s%d" % len(value)
+    assert memcached_client.get(key) == value
+    assert backend.get_many([key]) == {key: value}
+    assert backend.add(key + "t", value, 100.5) is True
+    assert _remaining(memcached_client, key + "t") in (100, 101)
+    assert backend.add(key + "u", value, 40 * DAY) is True  # sent as a unix time
+    assert 40 * DAY - 2 <= (_remaining(memcached_client, key + "u") or 0) <= 40 * DAY + 2
+    backend.delete_many([key, key + "t", key + "u"])
+    backend.close()
+
+
+@pytest.mark.memcached
+@pytest.mark.parametrize("swap", ["compare_and_set", "compare_and_delete"])
+def test_memcached_remembered_token_loses_to_any_write_in_between(
+    counted: Counted, namespace: str, swap: str
+) -> None:
+    backend, key = counted.backend, f"{namespace}:k"
+    other = counted.raw(key)  # replies awaited: the write lands before our swap
+
+    def attempt(expected: bytes) -> bool:
+        if swap == "compare_and_set":
+            return backend.compare_and_set(key, expected, b"mine", 60)
+        return backend.compare_and_delete(key, expected)
+
+    marker = _marker()
+    assert backend.add(key, marker, 10) is True
+    other.set(key, b"theirs", 60)  # another client rewrites the key
+    assert attempt(marker) is False
+    assert other.get(key) == b"theirs"
+    other.delete(key)
+
+    marker = _marker()
+    assert backend.add(key, marker, 10) is True
+    other.delete(key)  # or deletes it: no value comes back to life
+    counted.trips.clear()
+    assert attempt(marker) is False
+    assert counted.commands() == {"cas": 1}  # NOT_FOUND settles it: absent never matches
+    assert other.get(key) is None
+
+    # A rewrite with the very same bytes still holds ``expected``: EXISTS takes the
+    # gets-and-compare path, as a backend that never saw the add would.
+    marker = _marker()
+    assert backend.add(key, marker, 10) is True
+    other.set(key, marker, 60)
+    counted.trips.clear()
+    assert attempt(marker) is True
+    assert counted.commands() == {"cas": 2, "gets": 1}
+    assert other.get(key) == (b"mine" if swap == "compare_and_set" else None)
+    other.delete(key)
+
+
+@pytest.mark.memcached
+def test_memcached_token_answers_only_for_its_own_value(counted: Counted, namespace: str) -> None:
+    backend, key = counted.backend, f"{namespace}:k"
+    mine, other = _marker(), _marker()
+    assert backend.add(key, mine, 10) is True
+    counted.trips.clear()
+    # Another expected value never gets this add's token: it compares, and fails.
+    assert backend.compare_and_set(key, other, b"x", 60) is False
+    assert backend.compare_and_delete(key, other) is False
+    assert backend.compare_and_set(key + "2", mine, b"x", 60) is False  # nor another key
+    assert counted.commands() == {"gets": 3}
+    assert backend.get(key) == mine
+    # The token is still there for its own value, and is spent by its first use.
+    counted.trips.clear()
+    assert backend.compare_and_set(key, mine, b"v", 60) is True
+    assert backend.compare_and_set(key, mine, b"w", 60) is False
+    assert counted.commands() == {"cas": 1, "gets": 1}
+    assert backend.get(key) == b"v"
+    backend.delete(key)
+
+
+def test_memcached_cas_tokens_are_bounded_and_per_server() -> None:
+    from cachekit.backends.memcached import _CasTokens
+
+    tokens = _CasTokens(limit=3)
+    for i in range(5):
+        tokens.remember(f"k{i}", b"m", None, b"%d" % i)
+    assert len(tokens) == 3
+    assert tokens.take("k0", b"m", None) is None  # the oldest went first
+    tokens.remember("k2", b"m", None, b"22")  # re-added: newest, with the newer token
+    tokens.remember("k5", b"m", None, b"5")
+    assert tokens.take("k3", b"m", None) is None
+    assert tokens.take("k2", b"m", None) == b"22"
+    assert tokens.take("k2", b"m", None) is None  # used once
+    node = object()
+    tokens.remember("k", b"m", node, b"7")
+    assert tokens.take("k", b"m", object()) is None  # moved to another server: unusable
+    assert tokens.take("k", b"m", node) is None  # and forgotten
+    assert tokens.take("k", "not bytes", None) is None
+
+
+@pytest.mark.memcached
+def test_memcached_add_falls_back_when_the_server_has_no_meta_set(
+    memcached_server: tuple[str, int], namespace: str
+) -> None:
+    class OldServerClient(Client):  # type: ignore[misc]
+        """Answers ``ms`` as memcached before 1.6 does: ERROR, connection closed."""
+
+        def _misc_cmd(self, cmds: Any, cmd_name: bytes, *args: Any, **kwargs: Any) -> Any:
+            if cmd_name == b"ms":
+                self.close()
+                raise MemcacheUnknownCommandError(cmd_name)
+            return super()._misc_cmd(cmds, cmd_name, *args, **kwargs)
+
+    client = OldServerClient(memcached_server, timeout=2.0, connect_timeout=2.0)
+    backend = MemcachedBackend(client)
+    key, marker = f"{namespace}:k", _marker()
+    assert backend.add(key, marker, 10) is True
+    assert backend.add(key, marker, 10) is False
+    assert backend.compare_and_set(key, marker, b"v", 10) is True  # by gets and cas
+    assert backend.get(key) == b"v"
+    backend.delete(key)
+    client.close()

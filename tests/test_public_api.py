@@ -41,9 +41,9 @@ def test_all_is_sorted_and_importable(name: str) -> None:
 def test_top_level_names() -> None:
     public = {name for name in dir(cachekit) if not name.startswith("_")}
     submodules = {
-        "backends", "cache", "decorators", "entries", "exceptions", "freshness",
-        "invalidation", "keys", "leases", "markers", "policy", "serializers", "stats",
-        "ttl", "views",
+        "backends", "breaker", "cache", "decorators", "entries", "exceptions",
+        "freshness", "invalidation", "journal", "keys", "leases", "markers", "policy",
+        "serializers", "stats", "ttl", "views",
     }  # fmt: skip
     assert public - submodules == set(cachekit.__all__)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any, Final, Protocol
+from functools import partial
+from typing import Any, Final, Protocol, cast
 
 from cachekit.backends.base import MISSING, KeyPolicy
 from cachekit.exceptions import (
@@ -19,7 +21,12 @@ from cachekit.exceptions import (
 try:
     from pymemcache.client.base import Client, PooledClient, normalize_server_spec
     from pymemcache.client.hash import HashClient
-    from pymemcache.exceptions import MemcacheError
+    from pymemcache.exceptions import (
+        MemcacheClientError,
+        MemcacheError,
+        MemcacheIllegalInputError,
+        MemcacheUnknownError,
+    )
     from pymemcache.serde import LegacyWrappingSerde
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise missing_dependency("pymemcache", "memcached") from exc
@@ -33,6 +40,10 @@ _DRIVER_ERRORS: Final = (MemcacheError, OSError)
 _EXPIRED_NOW: Final = -1
 # Returned by HashClient in place of a result when it skipped a failing server.
 _SKIPPED: Final = object()
+# CAS uniques remembered from our own adds: at most this many, for values at most this
+# long (lease markers are 18 bytes), so a caller that never swaps leaks nothing.
+_MAX_TOKENS: Final = 10_000
+_MAX_TOKEN_VALUE: Final = 256
 
 
 def _expire(ttl: float | None) -> int:
@@ -69,12 +80,101 @@ class _BytesSerde:
 _SERDE: Final = _BytesSerde()
 
 
+def _meta_add(client: Any, key: str, value: bytes, expire: int) -> bytes | None:
+    """memcached's ``add`` that also answers the new item's CAS unique, in one round trip.
+
+    Meta set in add mode, ``ms <key> <len> c T<exptime> ME``: ``c`` asks for the CAS
+    unique, ``T`` is the exptime (same meaning as the text protocol's: 0 is no expiry, over
+    30 days a unix time), ``ME`` is mode add. Client flags default to 0, as plain
+    ``add`` writes them through ``_BytesSerde``, so ``get`` reads the value unchanged. The
+    reply is ``HD c<unique>`` when stored and ``NS ...`` when the key was present.
+    ``raw_command`` could frame it too, but it names the command by its whole text,
+    value bytes included; ``_misc_cmd`` (pymemcache's own framing for one-line replies)
+    names it ``ms``. Returns the unique if stored (b"" if the server left it out), else
+    None.
+    """
+    if isinstance(client, PooledClient):
+        with client.client_pool.get_and_release(destroy_on_fail=True) as borrowed:
+            return _meta_add(borrowed, key, value, expire)
+    name = client.check_key(key, client.key_prefix)
+    command = b"ms %b %d c T%d ME\r\n%b\r\n" % (name, len(value), expire, value)
+    reply: bytes = client._misc_cmd([command], b"ms", False)[0]
+    code, *tokens = reply.split()
+    if code == b"NS":
+        return None
+    if code != b"HD":
+        raise MemcacheUnknownError(f"unexpected reply to meta add: {reply!r}")
+    return next((token[1:] for token in tokens if token.startswith(b"c")), b"")
+
+
+class _CasTokens:
+    """The CAS unique of each item our ``add`` stored, by ``(key, value)``, used once.
+
+    Why a remembered unique stands in for comparing the value: memcached gives an item
+    a new CAS unique on every modification (set, cas, append, incr...) and a fresh
+    one to every item it stores, from a per-server counter that only grows. So while
+    the item we added still carries the unique our ``add`` answered, it is that same
+    item, unmodified, holding the value we wrote; a ``cas`` with that unique succeeds
+    only then, atomically. Once anyone wrote the key, or it expired, was deleted or
+    evicted, the ``cas`` fails (EXISTS or NOT_FOUND) and nothing is written.
+
+    Keying by ``(key, value)`` means a token only ever answers for the very value it
+    was issued for, and the node it came from is kept so that a key the ring has since
+    moved to another server (whose uniques are unrelated) is not swapped with it.
+    Bounded: beyond ``limit`` entries the oldest is dropped (its swap then costs the
+    ``gets`` again). A memcached restart within a lease resets the counter, so in
+    principle a new item under the same key could reach the same unique; that needs
+    the same key rewritten and the counter landing on that exact number inside one
+    lease, a risk the plain ``gets``-then-``cas`` shares on a smaller window.
+    """
+
+    def __init__(self, limit: int = _MAX_TOKENS) -> None:
+        self._limit = limit
+        self._tokens: dict[tuple[str, bytes], tuple[Any, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, key: str, value: bytes, node: Any, token: bytes) -> None:
+        with self._lock:
+            tokens = self._tokens
+            tokens.pop((key, value), None)  # re-added: newest again
+            tokens[key, value] = (node, token)
+            if len(tokens) > self._limit:
+                del tokens[next(iter(tokens))]
+
+    def take(self, key: str, value: Any, node: Any) -> bytes | None:
+        """The token for ``(key, value)`` on ``node``, forgotten; None if there is none."""
+        if type(value) is not bytes or not self._tokens:
+            return None
+        with self._lock:
+            entry = self._tokens.pop((key, value), None)
+        if entry is None or entry[0] is not node:
+            return None
+        return entry[1]
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+
+# A client method's name, or a function called with the client as first argument.
+_Operation = str | Callable[..., Any]
+
+
+def _bind(client: Any, operation: _Operation) -> Callable[..., Any]:
+    if isinstance(operation, str):
+        return cast(Callable[..., Any], getattr(client, operation))
+    return partial(operation, client)
+
+
+def _name(operation: _Operation) -> str:
+    return operation if isinstance(operation, str) else operation.__name__.lstrip("_")
+
+
 class _Nodes(Protocol):
     """Routes keys to the pymemcache client of their server and runs commands there."""
 
     def node_for(self, key: str) -> Any: ...
     def group(self, keys: Iterable[str]) -> dict[Any, list[str]]: ...
-    def run(self, node: Any, operation: str, *args: Any, **kwargs: Any) -> Any: ...
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any: ...
     def close(self) -> None: ...
 
 
@@ -98,14 +198,14 @@ class _Pool:
     def group(self, keys: Iterable[str]) -> dict[Any, list[str]]:
         return {None: list(keys)}
 
-    def run(self, node: Any, operation: str, *args: Any, **kwargs: Any) -> Any:
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
         try:
             client = self._idle.pop()
         except IndexError:
             client = self._factory()
             self._created.append(client)
         try:
-            return getattr(client, operation)(*args, **kwargs)
+            return _bind(client, operation)(*args, **kwargs)
         finally:
             # pymemcache closes the socket on any error, so the client reconnects
             # on its next use and is safe to reuse.
@@ -128,8 +228,8 @@ class _Injected:
     def group(self, keys: Iterable[str]) -> dict[Any, list[str]]:
         return {self._client: list(keys)}
 
-    def run(self, node: Any, operation: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(node, operation)(*args, **kwargs)
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
+        return _bind(node, operation)(*args, **kwargs)
 
     def close(self) -> None:
         """The caller owns the client."""
@@ -160,12 +260,12 @@ class _Ring:
             groups.setdefault(self.node_for(key), []).append(key)
         return groups
 
-    def run(self, node: Any, operation: str, *args: Any, **kwargs: Any) -> Any:
-        method = getattr(node, operation)
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
+        method = _bind(node, operation)
         result = self._client._safely_run_func(node, method, _SKIPPED, *args, **kwargs)
         if result is _SKIPPED:
             raise BackendError(
-                f"memcached {operation} skipped: server {node.server!r} failed recently "
+                f"memcached {_name(operation)} skipped: server {node.server!r} failed recently "
                 "and is in HashClient's retry back-off"
             )
         return result
@@ -184,7 +284,10 @@ class MemcachedBackend:
     multi-key delete, so deletes are pipelined). ``compare_and_set`` is two round
     trips, ``gets`` then ``cas``: memcached cannot compare a value in one command, so
     the value is compared here and the ``cas`` token makes the write conditional on
-    nothing having changed in between, which keeps it atomic.
+    nothing having changed in between, which keeps it atomic. ``add`` is a meta set
+    in add mode that also answers the new item's ``cas`` token; the backend keeps it
+    (see :class:`_CasTokens`), so swapping or deleting the value this backend added
+    (a lease marker) is one ``cas``: a lease miss costs 3 round trips, not 4.
 
     Args:
         servers: ``"host:port"`` (or a list of them; ``unix:/path`` works too), or a
@@ -205,6 +308,9 @@ class MemcachedBackend:
     stores_objects = False
     # The facade hashes keys that break this policy, so keys arrive ASCII-safe.
     key_policy: KeyPolicy | None = KeyPolicy(max_bytes=250)
+    #: memcached's default item limit is 1 MiB including key and item header; a larger
+    #: value is refused by the server (and pymemcache reports it as "stored").
+    max_value_size: int | None = 1024 * 1024 - 512
 
     def __init__(
         self,
@@ -221,6 +327,9 @@ class MemcachedBackend:
             self._nodes = _Injected(servers)
         else:
             self._nodes = _build(_server_specs(servers), timeout, connect_timeout)
+        self._tokens = _CasTokens()
+        # Off once a server refused the meta command (memcached before 1.6).
+        self._meta = True
 
     def get(self, key: str) -> Any:
         nodes = self._nodes
@@ -281,29 +390,67 @@ class MemcachedBackend:
             raise _wrap("delete_many", exc) from exc
 
     def add(self, key: str, value: Any, ttl: float | None) -> bool:
+        """One round trip; a small value's ``cas`` token is kept for the swap after."""
         nodes = self._nodes
         try:
-            stored = nodes.run(nodes.node_for(key), "add", key, value, _expire(ttl), noreply=False)
+            node = nodes.node_for(key)
+            if (
+                self._meta
+                and type(value) is bytes
+                and len(value) <= _MAX_TOKEN_VALUE
+                and (node is None or isinstance(node, Client | PooledClient))
+            ):
+                try:
+                    token = nodes.run(node, _meta_add, key, value, _expire(ttl))
+                except MemcacheClientError as exc:
+                    if isinstance(exc, MemcacheIllegalInputError):
+                        raise  # a bad key, refused before sending: plain add would too
+                    # The server does not speak meta set (the connection is closed
+                    # on any error, so nothing of the refused command lingers).
+                    self._meta = False
+                else:
+                    if token:
+                        self._tokens.remember(key, value, node, token)
+                    return token is not None
+            stored = nodes.run(node, "add", key, value, _expire(ttl), noreply=False)
         except _DRIVER_ERRORS as exc:
             raise _wrap("add", exc) from exc
         return bool(stored)
+
+    def _swap(self, key: str, expected: Any, value: Any, expire: int) -> bool:
+        """Write ``value`` (``expire``) if the key holds ``expected``; driver errors raise.
+
+        With the token of our own ``add`` of ``expected`` it is one ``cas``: stored, or
+        NOT_FOUND (absent, so it cannot hold ``expected``) settles it. EXISTS means the
+        item was rewritten since, almost surely with another value, but a rewrite with
+        the same bytes still holds ``expected``, so that rare case takes the long way:
+        ``gets``, compare, then ``cas`` with the token ``gets`` answered (the ``cas``
+        fails if anyone wrote in between, which keeps it atomic).
+        """
+        nodes = self._nodes
+        node = nodes.node_for(key)
+        token = self._tokens.take(key, expected, node)
+        if token is not None:
+            stored = nodes.run(node, "cas", key, value, token, expire, noreply=False)
+            if stored is not False:  # True: stored; None: NOT_FOUND
+                return bool(stored)
+        current, token = nodes.run(node, "gets", key)
+        if current is None or current != expected:
+            return False
+        return bool(nodes.run(node, "cas", key, value, token, expire, noreply=False))
 
     def compare_and_set(self, key: str, expected: Any, value: Any, ttl: float | None) -> bool:
         """Replace the value if it equals ``expected``: ``gets``, compare, then ``cas``.
 
         Two round trips, since memcached has no command that compares a value; the
-        ``cas`` token from ``gets`` fails the write if anyone wrote in between.
+        ``cas`` token from ``gets`` fails the write if anyone wrote in between. One
+        round trip, the ``cas`` alone, when ``expected`` is what this backend's ``add``
+        stored there (see :meth:`_swap`).
         """
-        nodes = self._nodes
         try:
-            node = nodes.node_for(key)
-            current, token = nodes.run(node, "gets", key)
-            if current is None or current != expected:
-                return False
-            stored = nodes.run(node, "cas", key, value, token, _expire(ttl), noreply=False)
+            return self._swap(key, expected, value, _expire(ttl))
         except _DRIVER_ERRORS as exc:
             raise _wrap("compare_and_set", exc) from exc
-        return bool(stored)
 
     def add_many(self, items: Mapping[str, Any], ttl: float | None) -> AbstractSet[str]:
         """One pipelined write of ``add`` commands per server (pymemcache's internal
@@ -350,18 +497,13 @@ class MemcachedBackend:
 
         memcached's ``delete`` takes no cas token, so the delete is a ``cas`` with a
         negative exptime, which memcached applies as "expired now": the item is gone
-        for every reader, and the token keeps the delete conditional.
+        for every reader, and the token keeps the delete conditional. Like
+        :meth:`compare_and_set`, one round trip for a value this backend added.
         """
-        nodes = self._nodes
         try:
-            node = nodes.node_for(key)
-            current, token = nodes.run(node, "gets", key)
-            if current is None or current != expected:
-                return False
-            stored = nodes.run(node, "cas", key, b"", token, _EXPIRED_NOW, noreply=False)
+            return self._swap(key, expected, b"", _EXPIRED_NOW)
         except _DRIVER_ERRORS as exc:
             raise _wrap("compare_and_delete", exc) from exc
-        return bool(stored)
 
     def close(self) -> None:
         """Close the connections the backend opened; an injected client stays open."""
