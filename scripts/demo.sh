@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: run the examples on the embedded default (SQLite + the
-# in-process backend); no servers needed.
+# The main job: `cachekit bench` on the embedded default (a temporary SQLite
+# file + the in-process backend; no servers needed), after the examples.
+# Prints the results table and writes bench.png.
 #
 #     bash scripts/demo.sh
 set -euo pipefail
@@ -14,3 +15,6 @@ for example in cache_aside read_through write_through; do
     printf '\n==> python examples/%s.py\n' "$example" >&2
     python "examples/$example.py"
 done
+
+printf '\n==> cachekit bench --plot bench.png\n' >&2
+cachekit bench --plot bench.png

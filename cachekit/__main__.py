@@ -1,0 +1,5 @@
+"""``python -m cachekit bench``: the same command line as the ``cachekit`` script."""
+
+from cachekit.cli import main
+
+raise SystemExit(main())

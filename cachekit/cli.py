@@ -1,0 +1,374 @@
+"""`cachekit bench`: the command line, and the run it drives from tables to report.
+
+With no arguments the bench needs nothing but the standard library: a temporary SQLite
+file and the in-process backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from cachekit.bench import caches
+from cachekit.bench.config import (
+    STRATEGIES,
+    BenchConfig,
+    BenchError,
+    Strategy,
+    parse_backend_url,
+    parse_cache_sizes,
+    parse_db_url,
+    parse_strategies,
+)
+from cachekit.bench.database import Database, scratch_file
+from cachekit.bench.optimal import WriteMode, belady_hit_ratio
+from cachekit.bench.plot import require_matplotlib, write_plot
+from cachekit.bench.report import (
+    Result,
+    describe,
+    notes,
+    phases,
+    print_report,
+    title,
+    write_json,
+)
+from cachekit.bench.runner import Replay, key_of, operations, replay, uncached_operations, verify
+from cachekit.bench.workload import Trace, make_trace
+from cachekit.exceptions import CacheError
+
+__all__ = ["main"]
+
+# Sized so that a run of the defaults takes about 25 s on a 2-core machine; 100,000
+# rows and 200,000 requests take minutes there, and are two flags away.
+DEFAULT_ROWS = 20_000
+DEFAULT_REQUESTS = 50_000
+Start = Callable[[str, int], Callable[[int], None]]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, as every other bench error is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` that reports a :class:`BenchError` as a usage error."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except BenchError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__.removeprefix("parse_").removeprefix("_")
+    return convert
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise BenchError(f"{value} must be a positive number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise BenchError(f"{text} must be between 0 and 1")
+    return value
+
+
+def _exponent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 100:  # beyond this, every request reads one row anyway
+        raise BenchError(f"the Zipf exponent must be between 0 and 100, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a whole number") from None
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="cachekit", description="cachekit's command line.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    bench = commands.add_parser(
+        "bench",
+        help="measure hit ratio and database load saved on a replayed workload",
+        description="Create a products-with-reviews schema, replay a seeded Zipf workload "
+        "uncached and through cachekit, and report hit ratio (against Belady's optimum), "
+        "database queries saved, throughput and latency. With no arguments: a temporary "
+        "SQLite file and the in-process cache.",
+    )
+    _add_workload_options(bench)
+    _add_run_options(bench)
+    return parser
+
+
+def _add_workload_options(bench: argparse.ArgumentParser) -> None:
+    """Where to run and what to replay."""
+    add = bench.add_argument
+    add(
+        "--db",
+        type=_checked(parse_db_url),
+        help="sqlite:///FILE or postgresql://USER@HOST:PORT/DB (default: a temporary SQLite file)",
+    )
+    add(
+        "--backend",
+        type=_checked(parse_backend_url),
+        default=parse_backend_url("memory"),
+        help="memory (default), redis://HOST:PORT/DB or memcached://HOST:PORT[,HOST:PORT...]",
+    )
+    add(
+        "--rows",
+        type=_checked(_count),
+        default=DEFAULT_ROWS,
+        help=f"products in the table (default {DEFAULT_ROWS:,}: small enough that the defaults"
+        " finish in well under a minute on 2 cores)",
+    )
+    add(
+        "--requests",
+        type=_checked(_count),
+        default=DEFAULT_REQUESTS,
+        help=f"requests in the trace (default {DEFAULT_REQUESTS:,}; try 200000)",
+    )
+    add(
+        "--zipf",
+        type=_checked(_exponent),
+        default=0.99,
+        help="skew of the Zipf popularity, 0 = uniform (default 0.99)",
+    )
+    add(
+        "--write-ratio",
+        type=_checked(_fraction),
+        default=0.05,
+        help="share of requests that update a product (default 0.05)",
+    )
+
+
+def _add_run_options(bench: argparse.ArgumentParser) -> None:
+    """How to run it and where the results go."""
+    add = bench.add_argument
+    add(
+        "--cache-size",
+        type=_checked(parse_cache_sizes),
+        default=parse_cache_sizes("1%,5%,10%,25%"),
+        help="cache sizes as percentages of the rows (default 1%%,5%%,10%%,25%%);"
+        " they bound the in-process cache only",
+    )
+    add(
+        "--strategy",
+        type=_checked(parse_strategies),
+        default=STRATEGIES,
+        help=f"comma-separated, from {','.join(STRATEGIES)} (default: all)",
+    )
+    add(
+        "--workers",
+        type=_checked(_count),
+        default=4,
+        help="threads replaying the trace (default 4)",
+    )
+    add(
+        "--seed", type=_checked(_seed), default=1, help="seed of the trace and the data (default 1)"
+    )
+    add("--json", type=Path, metavar="FILE", help="write the results as JSON")
+    add("--plot", type=Path, metavar="FILE", help="write a PNG (needs matplotlib: the bench extra)")
+    add("--keep", action="store_true", help="keep the bench's tables (and a temporary SQLite file)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: ``cachekit bench [options]``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    config = BenchConfig(
+        db=args.db,
+        backend=args.backend,
+        rows=args.rows,
+        requests=args.requests,
+        zipf=args.zipf,
+        write_ratio=args.write_ratio,
+        cache_sizes=args.cache_size,
+        strategies=args.strategy,
+        workers=args.workers,
+        seed=args.seed,
+        keep=args.keep,
+    )
+    try:
+        return bench(config, json_path=args.json, plot_path=args.plot, out=sys.stdout)
+    except (BenchError, CacheError) as exc:
+        print(f"cachekit bench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cachekit bench: interrupted", file=sys.stderr)
+        return 130
+
+
+def bench(config: BenchConfig, *, json_path: Path | None, plot_path: Path | None, out: Any) -> int:
+    """Run the bench and report; returns 1 if a cached entry was stale, else 0.
+
+    Raises:
+        BenchError: bad input or an unreachable database or cache server.
+    """
+    began = time.perf_counter()
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    _check_outputs(json_path, plot_path)
+    if config.backend.kind != "memory":
+        caches.check_reachable(config.backend)
+    trace = make_trace(
+        rows=config.rows,
+        requests=config.requests,
+        zipf=config.zipf,
+        write_ratio=config.write_ratio,
+        seed=config.seed,
+    )
+    tables, uncached, results = _measure(config, trace, out)
+    seconds = time.perf_counter() - began
+    lines = notes(config, uncached, results, load_average=load_average)
+    print_report(title(config), results, lines, out)
+    if json_path is not None:
+        summary = describe(config, tables, seconds, load_average=load_average)
+        write_json(json_path, summary, results)
+    if plot_path is not None:
+        write_plot(plot_path, title(config), results)
+    return 1 if any(r.verdict.stale for r in results) else 0
+
+
+def _measure(config: BenchConfig, trace: Trace, out: Any) -> tuple[list[str], Replay, list[Result]]:
+    """Fill the tables, replay uncached, then each strategy at each size; returns the
+    tables' names, the uncached replay and the results. The tables go afterwards."""
+    with _database(config, out) as db, phases() as start:
+        advance = start("creating and filling the tables", config.rows)
+        db.create(config.rows, seed=config.seed, advance=advance)
+        update = start("replaying the trace uncached", len(trace))
+        ops = uncached_operations(db, trace)
+        uncached = replay(trace, db, ops, workers=config.workers, progress=update)
+        optima = _optima(config, trace, start)
+        results = [
+            _run(
+                config,
+                strategy=strategy,
+                size=size,
+                trace=trace,
+                db=db,
+                uncached=uncached,
+                optimum=optima[strategy, size],
+                start=start,
+            )
+            for strategy in config.strategies
+            for size in config.run_sizes
+        ]
+    return [db.products, db.reviews], uncached, results
+
+
+def _check_outputs(json_path: Path | None, plot_path: Path | None) -> None:
+    """Fail before a long run, not after it, when its output cannot be written."""
+    for path in (json_path, plot_path):
+        if path is not None and not path.parent.is_dir():
+            raise BenchError(f"cannot write {path}: {path.parent} is not a directory")
+    if plot_path is not None:
+        require_matplotlib()
+
+
+def _run(
+    config: BenchConfig,
+    *,
+    strategy: Strategy,
+    size: float,
+    trace: Trace,
+    db: Database,
+    uncached: Replay,
+    optimum: float,
+    start: Start,
+) -> Result:
+    """One strategy at one size: replay through a fresh cache, verify it, clean it up."""
+    entries = _entries(config, size)
+    label = f"{strategy} {size:.0%}" if config.backend.bounded else strategy
+    cache = caches.open_cache(config.backend, entries=entries, label=f"{strategy}-{entries}")
+    try:
+        ops = operations(strategy, cache, db, trace)
+        run = replay(
+            trace, db, ops, workers=config.workers, progress=start(f"replaying {label}", len(trace))
+        )
+        verdict = verify(cache, db, trace.ids)
+    finally:
+        caches.forget(cache, (key_of(i) for i in set(trace.ids)))
+    return Result(strategy, size, entries, config.backend.bounded, optimum, run, uncached, verdict)
+
+
+def _optima(config: BenchConfig, trace: Trace, start: Start) -> dict[tuple[str, float], float]:
+    """Belady's hit ratio for every run; cache-aside and read-through share theirs."""
+    runs = [(strategy, size) for strategy in config.strategies for size in config.run_sizes]
+    update = start("computing Belady's optimum", len(runs))
+    memo: dict[tuple[str, int], float] = {}
+    optima: dict[tuple[str, float], float] = {}
+    for done, (strategy, size) in enumerate(runs, 1):
+        mode: WriteMode = "refill" if strategy == "write-through" else "invalidate"
+        entries = _entries(config, size)
+        if (mode, entries) not in memo:
+            memo[mode, entries] = belady_hit_ratio(trace.ids, trace.writes, entries, mode)
+        optima[strategy, size] = memo[mode, entries]
+        update(done)
+    return optima
+
+
+def _entries(config: BenchConfig, size: float) -> int:
+    return max(1, round(size * config.rows))
+
+
+@contextlib.contextmanager
+def _database(config: BenchConfig, out: Any) -> Iterator[Database]:
+    """The bench's tables for the run, dropped after it unless ``--keep``; a temporary
+    SQLite file (or one the bench had to create) goes too."""
+    scratch = tempfile.mkdtemp(prefix="cachekit-bench-") if config.db is None else None
+    try:
+        url = scratch_file(scratch) if scratch else config.db
+        assert url is not None  # noqa: S101 - one of the two is set; narrows the type
+        created = url.kind == "sqlite" and not os.path.exists(url.path)
+        db = Database(url, prefix=f"cachekit_bench_{uuid.uuid4().hex[:8]}_")
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    try:
+        yield db
+    finally:
+        _clean_up(config, db, scratch, created, out)
+
+
+def _clean_up(
+    config: BenchConfig, db: Database, scratch: str | None, created: bool, out: Any
+) -> None:
+    if config.keep:
+        print(f"kept the tables {db.products} and {db.reviews} in {db.where}", file=out)
+        db.close()
+        return
+    try:
+        db.drop()
+    finally:
+        db.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        elif created:
+            with contextlib.suppress(OSError):
+                os.remove(db.url.path)
