@@ -110,7 +110,10 @@ class Cache:
                 f"{backend!r} does not implement the cachekit Backend contract"
             )
         if breaker is USE_DEFAULT:
-            breaker = None if backend.stores_objects else CircuitBreaker()
+            # A pool with a breaker per server must not have one server's outage open
+            # a breaker over all of them.
+            isolated = backend.stores_objects or getattr(backend, "per_node_breakers", False)
+            breaker = None if isolated else CircuitBreaker()
         self.breaker = breaker
         self.backend = backend
         # What every call goes through: the backend, behind its breaker if it has one.
@@ -333,7 +336,7 @@ class Cache:
         if tags is None:
             try:
                 data = self._encode(bkey, value)
-            except ValueTooLarge:
+            except UNSTORABLE:
                 self.delete(key)  # the caller meant to replace it: never leave the old one
                 raise
             self.store.set(bkey, data, seconds)
@@ -360,7 +363,12 @@ class Cache:
     def set_many(self, mapping: Mapping[str, Any], ttl: TTL | UseDefault = USE_DEFAULT) -> None:
         """Store every item, in one backend round trip per distinct TTL (``None`` values
         take ``none_ttl``, as in :meth:`set`)."""
-        for seconds, items in self._by_ttl(mapping, ttl).items():
+        try:
+            groups = self._by_ttl(mapping, ttl)
+        except UNSTORABLE:
+            self.delete_many(mapping)  # as in set: a failed replacement leaves nothing old
+            raise
+        for seconds, items in groups.items():
             self.store.set_many(items, seconds)
 
     def _by_ttl(

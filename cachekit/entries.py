@@ -9,6 +9,7 @@ tags at the time it was filled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -81,11 +82,15 @@ def pack(
     physical = None if seconds is None else seconds + (stale_ttl or 0.0)
     if cache.store.stores_objects:
         return Entry(loaded.value, fresh_until, loaded.delta, loaded.tags), physical
-    payload = cache._encode(bkey, loaded.value)
     tags = b"" if not loaded.tags else json.dumps(sorted(loaded.tags.items())).encode()
-    return ENTRY_BYTE + _HEADER.pack(
-        fresh_until, loaded.delta, len(tags)
-    ) + tags + payload, physical
+    header = ENTRY_BYTE + _HEADER.pack(fresh_until, loaded.delta, len(tags)) + tags
+    return header + cache._encode(_bound_key(bkey, header), loaded.value), physical
+
+
+def _bound_key(bkey: str, header: bytes) -> str:
+    """The key the payload is serialized under: the backend key plus a digest of the
+    header, so a signing serializer's MAC covers the expiry, load time and tags too."""
+    return f"{bkey}\x00{hashlib.sha256(header).hexdigest()}"
 
 
 def unpack(cache: Cache, bkey: str, raw: bytes) -> Entry:
@@ -104,5 +109,6 @@ def unpack(cache: Cache, bkey: str, raw: bytes) -> Entry:
             tags = {str(tag): str(token) for tag, token in json.loads(raw[start : start + size])}
         except (ValueError, TypeError) as exc:
             raise DecodeError(f"bad tags in annotated entry: {exc}") from exc
-    value = cache.serializer.loads(raw[start + size :], bkey)
+    header = raw[: start + size]
+    value = cache.serializer.loads(raw[start + size :], _bound_key(bkey, header))
     return Entry(value, fresh_until, delta, tags, raw)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["TagGuard", "invalidate_tags", "stale_entries"]
 
 _EPOCH = "epoch"
+_EPOCH_TTL = 24 * 3600.0
 
 
 def _token() -> str:
@@ -68,7 +69,9 @@ def invalidate_tags(cache: Cache, tags: Iterable[str]) -> None:
     keys = [_tag_key(cache, tag) for tag in dict.fromkeys(tags)]
     if not keys:
         return
-    cache.store.set(_key(cache, _EPOCH), _encode(cache, _token()), None)
+    # The epoch expires so that idle namespaces leave nothing behind; a missing epoch
+    # only makes fills that straddle its expiry be rejected, never stored stale.
+    cache.store.set(_key(cache, _EPOCH), _encode(cache, _token()), _EPOCH_TTL)
     cache.store.delete_many(keys)
 
 

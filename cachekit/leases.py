@@ -132,6 +132,9 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
         _release(cache, bkey, marker)
         cache._write_failed(exc)
         return value
+    except BaseException:
+        _release(cache, bkey, marker)  # never leave waiters to sit out the lease
+        raise
     if packed is None:  # nothing to store (a None with negative caching off)
         _release(cache, bkey, marker)
         return value

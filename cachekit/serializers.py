@@ -177,7 +177,12 @@ class JsonSerializer:
 
     def dumps(self, value: Any, key: str) -> bytes:
         encoder = _Encoder()
-        data = _json_dumps(encoder.encode(value))
+        try:
+            data = _json_dumps(encoder.encode(value))
+        except RecursionError as exc:  # a value that contains itself, or nests too deep
+            raise SerializationError(
+                "JsonSerializer cannot encode a self-referential value"
+            ) from exc
         return _TAGGED + data if encoder.tags else data
 
     def loads(self, data: bytes, key: str) -> Any:

@@ -11,7 +11,7 @@ source scripts/_venv.sh
 
 ensure_venv all
 
-for example in cache_aside read_through write_through; do
+for example in cache_aside read_through write_through sqlalchemy_repository bulk_delete; do
     printf '\n==> python examples/%s.py\n' "$example" >&2
     python "examples/$example.py"
 done

@@ -19,6 +19,7 @@ import redis
 from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.connection import AbstractConnection
 from redis.retry import Retry
 
@@ -28,6 +29,7 @@ from cachekit.backends.memcached import MemcachedBackend
 from cachekit.backends.memory import MemoryBackend
 from cachekit.backends.redis import RedisBackend
 from cachekit.keys import make_backend_key
+from tests.servers import ServerError, Servers, binary, memcached_command, start_redis_cluster
 from tests.support import FakeClock
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -68,6 +70,55 @@ def memcached_server() -> tuple[str, int]:
     return MEMCACHED_ADDRESS
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """A 3-node Redis Cluster of our own on free loopback ports: (host, port) of one
+    node. Started once per session, on first use; every node is stopped by PID."""
+    for name in ("redis-server", "redis-cli"):
+        require(f"the {name} binary", binary(name) is not None, "install redis-server")
+    servers = Servers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        try:
+            nodes = start_redis_cluster(servers)
+        except ServerError as exc:
+            require("a local Redis Cluster", False, str(exc))
+            raise  # not reached: require() skipped or failed
+        yield nodes[0].host, nodes[0].port
+    finally:
+        servers.stop_all()
+
+
+def cluster_client(address: tuple[str, int]) -> RedisCluster:
+    """A cluster client with the suite's generous timeouts."""
+    host, port = address
+    return RedisCluster(
+        host=host,
+        port=port,
+        socket_timeout=SERVER_TIMEOUT,
+        socket_connect_timeout=SERVER_TIMEOUT,
+        decode_responses=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def memcached_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """Three memcached of our own on free loopback ports ("host:port" each), for the
+    pool backend. Started once per session, on first use; stopped by PID."""
+    require("the memcached binary", binary("memcached") is not None, "install memcached")
+    servers = Servers(tmp_path_factory.mktemp("memcached-pool"))
+    try:
+        try:
+            nodes = [servers.start(f"memcached-{i}", memcached_command()) for i in range(3)]
+        except ServerError as exc:
+            require("a local memcached pool", False, str(exc))
+            raise  # not reached: require() skipped or failed
+        yield [node.address for node in nodes]
+        for node in nodes:  # throwaway data: SIGKILL, not SIGTERM's ~1 s exit
+            node.kill()
+    finally:
+        servers.stop_all()
+
+
 @pytest.fixture
 def namespace() -> str:
     """A prefix unique to this test, so tests never collide on a shared server."""
@@ -82,7 +133,7 @@ def _fake_redis() -> RedisBackend:
     return RedisBackend(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
 
 
-def _forget_namespace(client: redis.Redis, namespace: str) -> None:
+def _forget_namespace(client: redis.Redis | RedisCluster, namespace: str) -> None:
     keys = list(client.scan_iter(match=namespace + "*", count=1000))
     if keys:
         client.delete(*keys)
@@ -94,6 +145,8 @@ def _forget_namespace(client: redis.Redis, namespace: str) -> None:
         pytest.param("fakeredis", id="fakeredis"),
         pytest.param("redis", id="redis", marks=pytest.mark.redis),
         pytest.param("memcached", id="memcached", marks=pytest.mark.memcached),
+        pytest.param("memcached-pool", id="memcached-pool", marks=pytest.mark.memcached),
+        pytest.param("redis-cluster", id="redis-cluster", marks=pytest.mark.redis_cluster),
     ]
 )
 def backend(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]:
@@ -107,15 +160,25 @@ def backend(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]
         built = RedisBackend.from_url(
             request.getfixturevalue("redis_server"), timeout=SERVER_TIMEOUT
         )
+    elif request.param == "redis-cluster":
+        built = RedisBackend(cluster_client(request.getfixturevalue("redis_cluster")))
+    elif request.param == "memcached-pool":
+        built = MemcachedBackend(
+            request.getfixturevalue("memcached_pool"),
+            timeout=SERVER_TIMEOUT,
+            connect_timeout=SERVER_TIMEOUT,
+        )
     else:
         host, port = request.getfixturevalue("memcached_server")
         built = MemcachedBackend(
             f"{host}:{port}", timeout=SERVER_TIMEOUT, connect_timeout=SERVER_TIMEOUT
         )
     yield built
-    if request.param == "redis":
-        _forget_namespace(built.client, namespace)
+    if request.param in ("redis", "redis-cluster"):
+        _forget_namespace(built.client, namespace)  # a cluster scans every primary
     built.close()
+    if request.param == "redis-cluster":
+        built.client.close()  # injected, so close() left it open
 
 
 @pytest.fixture
@@ -146,8 +209,9 @@ def expiry(backend: Backend) -> Expiry:
     if isinstance(backend, RedisBackend):
         return Expiry(ttl=0.05, wait=lambda: time.sleep(0.15))
     # memcached expires an item at its next whole-second tick after the TTL, so an
-    # entry set with exptime 1 is gone within ~1 s; 1.6 s leaves room for a slow tick.
-    return Expiry(ttl=1.0, wait=lambda: time.sleep(1.6))
+    # entry set with exptime 1 is gone within ~1 s, and add (leases) gets one second more
+    # (see _add_expire); 2.6 s leaves room for a slow tick.
+    return Expiry(ttl=1.0, wait=lambda: time.sleep(2.6))
 
 
 @pytest.fixture

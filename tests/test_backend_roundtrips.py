@@ -18,7 +18,12 @@ from pymemcache.serde import pickle_serde
 from cachekit.backends.base import MISSING
 from cachekit.backends.memcached import MemcachedBackend
 from cachekit.backends.redis import RedisBackend
-from cachekit.exceptions import BackendError, BackendTimeout, ConfigurationError
+from cachekit.exceptions import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigurationError,
+)
 from cachekit.keys import encode_key
 from cachekit.markers import new_lease
 from tests.conftest import MEMCACHED_ADDRESS, RedisCommands, counting_client_class
@@ -315,33 +320,38 @@ def test_memcached_silent_server_is_a_backend_timeout(silent_port: int) -> None:
 def test_memcached_pool_reports_a_dead_server_instead_of_missing(
     memcached_server: tuple[str, int], namespace: str
 ) -> None:
-    """HashClient answers None/False for a server in retry back-off; that is an error."""
+    """A dead server's keys fail (never read as absent, never rehashed elsewhere); after
+    ``node_failures`` unanswered calls they fail fast; the live server carries on."""
     dead = "127.0.0.1:1"
     ring = HashClient([memcached_server, dead], timeout=2.0, connect_timeout=2.0, retry_timeout=60)
-    backend = MemcachedBackend(ring)
+    backend = MemcachedBackend(ring, node_failures=2, node_cooldown=60)
     on_dead = next(k for i in range(1000) if ring.hasher.get_node(k := f"{namespace}:{i}") == dead)
     on_live = next(k for i in range(1000) if ring.hasher.get_node(k := f"{namespace}:{i}") != dead)
 
-    with pytest.raises(BackendError) as first:
-        backend.get(on_dead)
-    assert isinstance(first.value.__cause__, ConnectionRefusedError)
-    # From now on the raw client skips that server for retry_timeout, answering as if
-    # the key were absent (get) or present (add); the backend reports it instead.
-    assert ring.get(on_dead) is None
-    assert ring.add(on_dead, b"v", noreply=False) is False
-    skipped: list[Callable[[MemcachedBackend], object]] = [
+    for _ in range(2):
+        with pytest.raises(BackendError) as refused:
+            backend.get(on_dead)
+        assert isinstance(refused.value.__cause__, ConnectionRefusedError)
+    # Marked down: no call reaches it, and none reads as a miss (get) or as "present"
+    # (add), which is what HashClient's own back-off answers.
+    failing_fast: list[Callable[[MemcachedBackend], object]] = [
         lambda b: b.get(on_dead),
         lambda b: b.get_many([on_live, on_dead]),
         lambda b: b.add(on_dead, b"v", None),
         lambda b: b.set_many({on_live: b"v", on_dead: b"v"}, 10),
         lambda b: b.compare_and_set(on_dead, b"v", b"w", None),
+        lambda b: b.delete(on_dead),
     ]
-    for call in skipped:
-        with pytest.raises(BackendError, match="back-off"):
+    for call in failing_fast:
+        with pytest.raises(BackendUnavailable, match="marked down"):
             call(backend)
-    backend.set(on_live, b"v", 10)
-    assert backend.get(on_live) == b"v"
+    assert backend._nodes.node_for(on_dead).name == dead  # its keys stay where they were
+    assert backend.get(on_live) == b"v"  # set_many still stored the live server's share
+    backend.set(on_live, b"w", 10)
+    assert backend.get(on_live) == b"w"
     backend.delete(on_live)
+    health = backend.node_health()
+    assert health[dead].state == "down" and health[dead].short_circuited == len(failing_fast)
     ring.close()
 
 
@@ -495,7 +505,9 @@ def test_memcached_meta_add_writes_what_plain_add_writes(
     assert memcached_client.get(key) == value
     assert backend.get_many([key]) == {key: value}
     assert backend.add(key + "t", value, 100.5) is True
-    assert _remaining(memcached_client, key + "t") in (100, 101)
+    # add takes leases: one extra second, so memcached's whole-second clock never ends
+    # one before its TTL (see _add_expire).
+    assert _remaining(memcached_client, key + "t") in (101, 102)
     assert backend.add(key + "u", value, 40 * DAY) is True  # sent as a unix time
     assert 40 * DAY - 2 <= (_remaining(memcached_client, key + "u") or 0) <= 40 * DAY + 2
     backend.delete_many([key, key + "t", key + "u"])

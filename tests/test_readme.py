@@ -27,7 +27,7 @@ def test_readme_snippets_run(redis_server: str, memcached_server: tuple[str, int
     namespace: dict[str, object] = {"__name__": "readme"}
     for number, code in enumerate(snippets(), start=1):
         try:
-            exec(compile(code, f"README.md snippet {number}", "exec"), namespace)  # noqa: S102
+            exec(compile(code, f"README.md snippet {number}", "exec", dont_inherit=True), namespace)  # noqa: S102
         except Exception as exc:
             pytest.fail(f"README.md snippet {number} failed: {exc!r}\n{code}")
     # The snippets, like a user's script, leave clients open; collect them here, where

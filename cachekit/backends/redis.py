@@ -20,6 +20,8 @@ try:
     import redis
     from redis.backoff import NoBackoff
     from redis.cluster import RedisCluster
+    from redis.commands.core import Script
+    from redis.exceptions import NoScriptError, RedisClusterException
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise missing_dependency("redis", "redis") from exc
@@ -50,7 +52,8 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-_DRIVER_ERRORS: Final = (redis.exceptions.RedisError, OSError)
+# RedisClusterException (no slot covered, no node reachable...) is not a RedisError.
+_DRIVER_ERRORS: Final = (redis.exceptions.RedisError, RedisClusterException, OSError)
 
 
 def _px(ttl: float) -> int:
@@ -74,7 +77,9 @@ class RedisBackend:
 
     Every method is a single round trip: ``get_many`` is one ``MGET``, ``set_many`` one
     pipeline (or ``MSET`` without a TTL), ``delete_many`` one ``DEL``. On a
-    ``RedisCluster`` the batch calls split by hash slot, one round trip per node.
+    ``RedisCluster`` the batch calls split by hash slot, one round trip per node (the
+    first ``compare_and_set_many`` to reach a node without the script takes two more:
+    ``SCRIPT LOAD`` on every primary, then the refused calls again).
 
     The client is used as given: its timeouts and retry policy apply. redis-py's
     ``Redis(...)`` constructor retries failed commands 10 times with exponential
@@ -221,13 +226,11 @@ class RedisBackend:
         if not items:
             return set()
         px = 0 if ttl is None else _px(ttl)
+        calls = [
+            (encode_key(key), [expected, value, px]) for key, (expected, value) in items.items()
+        ]
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for key, (expected, value) in items.items():
-                self._compare_and_set(
-                    keys=[encode_key(key)], args=[expected, value, px], client=pipe
-                )
-            results = pipe.execute()
+            results = self._run_script_many(self._compare_and_set, calls)
         except _DRIVER_ERRORS as exc:
             raise _wrap("compare-and-set pipeline", exc) from exc
         return {key for key, ok in zip(items, results, strict=True) if int(ok) == 1}
@@ -243,6 +246,38 @@ class RedisBackend:
         """Close the client if :meth:`from_url` created it; an injected one stays open."""
         if self._owns_client:
             self.client.close()
+
+    def _run_script_many(self, script: Script, calls: list[tuple[bytes, list[Any]]]) -> list[Any]:
+        """Run a one-key script once per ``(key, args)`` in one pipeline (one per node on
+        a cluster); return the replies in order.
+
+        redis-py's ``ClusterPipeline`` refuses ``Script`` calls (its ``evalsha`` method
+        is blocked), yet routes a raw ``EVALSHA`` by its key like any command. A node
+        that has not seen the script answers NOSCRIPT without running it, so those
+        calls alone run again once ``SCRIPT LOAD`` has reached every primary.
+        """
+        if not isinstance(self.client, RedisCluster):
+            pipe = self.client.pipeline(transaction=False)
+            for key, args in calls:
+                script(keys=[key], args=args, client=pipe)
+            return pipe.execute()
+        results = self._evalsha_pipeline(script.sha, calls)
+        unknown = [i for i, reply in enumerate(results) if isinstance(reply, NoScriptError)]
+        if unknown:
+            self.client.script_load(script.script)
+            again = self._evalsha_pipeline(script.sha, [calls[i] for i in unknown])
+            for i, reply in zip(unknown, again, strict=True):
+                results[i] = reply
+        for reply in results:
+            if isinstance(reply, Exception):
+                raise reply
+        return results
+
+    def _evalsha_pipeline(self, sha: str, calls: list[tuple[bytes, list[Any]]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for key, args in calls:
+            pipe.execute_command("EVALSHA", sha, 1, key, *args)
+        return pipe.execute(raise_on_error=False)
 
     def _mset(self, encoded: dict[bytes, Any]) -> None:
         if isinstance(self.client, RedisCluster):

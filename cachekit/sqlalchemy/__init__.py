@@ -1,0 +1,28 @@
+"""SQLAlchemy repositories: rows and queries cached as snapshots, changed only after commits.
+
+The only part of cachekit that imports SQLAlchemy (``pip install
+'cachekit-layer[sqlalchemy]'``)::
+
+    from cachekit.sqlalchemy import CachedRepository
+
+    users = CachedRepository(cache, User, session_factory=Session, ttl=300)
+    users.get(7)
+    users.get_many([1, 2, 3])  # misses: one SELECT ... WHERE id IN (...), one batch fill
+    with Session.begin() as session:
+        users.update(user, session=session)  # the cache changes after the commit
+
+Modules: :mod:`~cachekit.sqlalchemy.rows` (keys, snapshots, detached instances),
+:mod:`~cachekit.sqlalchemy.tracking` (session events, work per transaction),
+:mod:`~cachekit.sqlalchemy.repository` (the repository).
+"""
+
+from cachekit.exceptions import missing_dependency
+
+try:
+    import sqlalchemy  # noqa: F401 - fail here, with the extra to install, not deeper
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise missing_dependency("sqlalchemy", "sqlalchemy") from exc
+
+from cachekit.sqlalchemy.repository import CachedRepository, WritePolicy
+
+__all__ = ["CachedRepository", "WritePolicy"]

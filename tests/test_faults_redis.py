@@ -1,0 +1,440 @@
+"""Redis killed and restarted, hung and resumed, under load: reads never fail, never block
+past their budget, recover quickly, and never return a row an invalidation removed.
+
+Each test runs a private ``redis-server`` on a free loopback port (never the shared
+one), stopped by PID at the end. The issue asks for ~30 s per scenario; the loaded runs
+here take ~12 s each (3 s warm, 3 s of outage, 6 s after it), which is enough for every
+assertion: the breaker opens within 1 s, recovery is judged within 5 s of the heal.
+
+The latency bound. A call's own database time is subtracted; what is left is the time
+spent on the cache. While the breaker is closed, a call makes at most three server
+round trips that can each stall for the socket budget before it gives up (replaying
+the journal, the read, the lease ``add``), and once the breaker is open only one
+probe per cool-down reaches the server. So ``4 * TIMEOUT`` covers the round trips
+with one to spare, ``lease_poll`` a waiter's last poll, and 0.5 s the scheduling of
+eight threads on a loaded two-core machine (the GIL, a descheduled thread).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cachekit import MISSING, Cache
+from cachekit.backends.memory import MemoryBackend
+from cachekit.backends.redis import RedisBackend
+from cachekit.breaker import CircuitBreaker
+from cachekit.exceptions import BackendTimeout
+from tests.conftest import require
+from tests.servers import Server, ServerError, Servers, binary, redis_command
+from tests.support import CountingBackend
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 0.1  # RedisBackend.from_url's default socket budget
+LEASE_POLL = 0.05  # Cache's default
+SLACK = 0.5  # thread scheduling on a loaded two-core machine
+LATENCY_BOUND = 4 * TIMEOUT + LEASE_POLL + SLACK
+ROWS = 200
+THREADS = 8
+WRITE_SHARE = 0.1
+DB_LATENCY = 0.001
+WARM, OUTAGE, AFTER = 3.0, 3.0, 6.0
+WINDOW, STEP = 0.5, 0.1  # hit ratio windows
+RECOVERED = 0.9  # of the baseline hit ratio
+JOIN_TIMEOUT = 30.0
+
+
+# -- the system of record ------------------------------------------------------------
+
+
+class Database:
+    """Versioned rows with a little latency per query; counts each thread's time in it."""
+
+    def __init__(self, rows: int = ROWS) -> None:
+        self.versions = dict.fromkeys(range(rows), 0)
+        self.lock = threading.Lock()
+        self.local = threading.local()
+
+    def _query(self, action: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        time.sleep(DB_LATENCY)
+        with self.lock:
+            result = action()
+        self.local.time = self.time() + time.perf_counter() - start
+        self.local.queries = self.queries() + 1
+        return result
+
+    def time(self) -> float:
+        """Seconds this thread has spent in the database."""
+        return float(getattr(self.local, "time", 0.0))
+
+    def queries(self) -> int:
+        return int(getattr(self.local, "queries", 0))
+
+    def load(self, id_: int) -> dict[str, int]:
+        return self._query(lambda: {"id": id_, "version": self.versions[id_]})  # type: ignore[no-any-return]
+
+    def update(self, id_: int) -> int:
+        """Bump the row's version (an UPDATE); return the new one."""
+
+        def bump() -> int:
+            self.versions[id_] += 1
+            return self.versions[id_]
+
+        return self._query(bump)  # type: ignore[no-any-return]
+
+    def save(self, id_: int, row: dict[str, int]) -> None:
+        self._query(lambda: self.versions.__setitem__(id_, row["version"]))
+
+
+# -- a cache on a private server -----------------------------------------------------
+
+
+class RecordingBreaker(CircuitBreaker):
+    """The default breaker (5 failures, 1 s cool-down) that notes when it opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened_at: list[float] = []
+
+    def failed(self) -> None:
+        was_open = self.state == "open"
+        super().failed()
+        if self.state == "open" and not was_open:
+            self.opened_at.append(time.monotonic())
+
+
+@pytest.fixture
+def redis_process(tmp_path: Path) -> Iterator[Server]:
+    """A redis-server of this test's own, on a free port, stopped by PID at the end."""
+    require("the redis-server binary", binary("redis-server") is not None, "install it")
+    with Servers(tmp_path) as servers:
+        try:
+            server = servers.start("redis", redis_command(tmp_path))
+        except ServerError as exc:
+            require("a private redis-server", False, str(exc))
+            raise  # not reached: require() skipped or failed
+        yield server
+
+
+@pytest.fixture
+def cache(redis_process: Server, namespace: str) -> Iterator[Cache]:
+    backend = RedisBackend.from_url(f"redis://{redis_process.address}/0", timeout=TIMEOUT)
+    try:
+        yield Cache(backend, namespace=namespace, ttl=300, breaker=RecordingBreaker())
+    finally:
+        backend.close()
+
+
+def breaker_of(cache: Cache) -> RecordingBreaker:
+    assert isinstance(cache.breaker, RecordingBreaker)
+    return cache.breaker
+
+
+# -- what the fault tests need from cachekit's core -----------------------------------
+
+
+def _core_fixed() -> bool:
+    """Whether the core has the two changes these tests need (see the issue 6 report),
+    judged by behaviour on the memory backend, in a few milliseconds:
+
+    1. the miss path honours the journal: a key whose delete is still to be replayed
+       gets no lease, so it can never be answered by a waiter with the old value;
+    2. a lease ``add`` that timed out yet landed is not waited out by the next miss.
+    """
+    logger = logging.getLogger("cachekit")
+    disabled, logger.disabled = logger.disabled, True  # the probe's failures are its own
+    try:
+        return _journal_honoured() and _lost_lease_not_waited_out()
+    finally:
+        logger.disabled = disabled
+
+
+def _journal_honoured() -> bool:
+    cache = Cache(MemoryBackend(), namespace="probe", breaker=None)
+    cache.set("k", "old")
+    cache.journal.record(keys=[cache.backend_key("k")])  # a delete not replayed yet
+    cache.journal._next_try = float("inf")
+    return cache.get_or_load("k", lambda: "new") == "new"
+
+
+def _lost_lease_not_waited_out() -> bool:
+    class LandsLate(CountingBackend):
+        late = True
+
+        def add(self, key: str, value: Any, ttl: float | None) -> bool:
+            added: bool = self.inner.add(key, value, ttl)
+            if self.late:
+                self.late = False
+                raise BackendTimeout("SET NX timed out, then ran when the server woke up")
+            return added
+
+    cache = Cache(LandsLate(MemoryBackend()), namespace="probe", breaker=None, lease_ttl=0.05)
+    cache.get_or_load("k", lambda: "v")
+    cache.get_or_load("k", lambda: "v")
+    return cache.stats().lease_waits == 0
+
+
+# Until the core changes land, the tests below fail; they pass with them (no edit).
+needs_core_fix = pytest.mark.xfail(
+    not _core_fixed(),
+    reason="cachekit core: a journaled key must skip the lease, and a lease lost in "
+    "flight must not be waited out (see the issue 6 report)",
+    strict=False,
+)
+
+
+# -- the load: 8 threads, 90 % reads, 10 % writes ------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    start: float
+    latency: float
+    db: float  # the caller's own time in the database
+    read: bool
+    hit: bool  # a read answered without querying the database
+    stale: bool  # a read older than a write that had completed when it started
+
+
+@dataclass
+class Load:
+    cache: Cache
+    db: Database
+    calls: list[Call] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    # The version every read that starts now must return at least: writes done so far.
+    floor: dict[int, int] = field(default_factory=lambda: dict.fromkeys(range(ROWS), 0))
+
+    def worker(self, seed: int, stop: threading.Event, deadline: float) -> None:
+        rng = random.Random(seed)
+        calls = []
+        while not stop.is_set() and time.monotonic() < deadline:
+            id_ = rng.randrange(ROWS)
+            read = rng.random() >= WRITE_SHARE
+            queries, db_time, floor = self.db.queries(), self.db.time(), self.floor[id_]
+            start = time.monotonic()
+            try:
+                if read:
+                    load = functools.partial(self.db.load, id_)
+                    row = self.cache.get_or_load(f"row:{id_}", load)
+                else:
+                    version = self.db.update(id_)
+                    self.cache.delete(f"row:{id_}")
+                    self.floor[id_] = max(self.floor[id_], version)
+            except Exception as exc:  # the test counts what reaches callers
+                self.errors.append(repr(exc))
+                continue
+            latency = time.monotonic() - start
+            hit = read and self.db.queries() == queries
+            stale = read and row["version"] < floor
+            calls.append(Call(start, latency, self.db.time() - db_time, read, hit, stale))
+        self.calls.extend(calls)  # one list per thread, joined at the end
+
+    def run(self, fault: Callable[[], None], heal: Callable[[], None]) -> tuple[float, float]:
+        """Warm up, inject the fault, heal after the outage, run on; return when the
+        fault and the heal happened (monotonic)."""
+        stop = threading.Event()
+        deadline = time.monotonic() + WARM + OUTAGE + AFTER + 10.0  # a bound, not a target
+        threads = [
+            threading.Thread(target=self.worker, args=(seed, stop, deadline), daemon=True)
+            for seed in range(THREADS)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(WARM)
+            faulted = time.monotonic()
+            fault()
+            time.sleep(OUTAGE)
+            healed = time.monotonic()
+            heal()
+            time.sleep(AFTER)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(JOIN_TIMEOUT)
+        assert not any(thread.is_alive() for thread in threads)
+        return faulted, healed
+
+    def hit_ratio(self, start: float, end: float) -> float | None:
+        reads = [call for call in self.calls if call.read and start <= call.start < end]
+        return sum(call.hit for call in reads) / len(reads) if reads else None
+
+
+@dataclass(frozen=True)
+class Figures:
+    baseline: float
+    breaker_open_after: float
+    recovered_after: float
+    final_ratio: float
+    max_latency: float
+    max_excess: float  # latency minus the caller's database time
+    calls: int
+
+
+def measure(load: Load, breaker: RecordingBreaker, faulted: float, healed: float) -> Figures:
+    baseline = load.hit_ratio(1.0 + faulted - WARM, faulted)
+    assert baseline is not None and baseline > 0.5, f"the warm cache hit only {baseline}"
+    t = healed
+    recovered_at = float("inf")
+    while t + WINDOW <= healed + AFTER:
+        ratio = load.hit_ratio(t, t + WINDOW)
+        if ratio is not None and ratio >= RECOVERED * baseline:
+            recovered_at = t + WINDOW
+            break
+        t += STEP
+    final = load.hit_ratio(healed + AFTER - 1.0, healed + AFTER)
+    opened = [at - faulted for at in breaker.opened_at if at >= faulted]
+    assert not [at for at in breaker.opened_at if at < faulted], "opened before the fault"
+    figures = Figures(
+        baseline=baseline,
+        breaker_open_after=opened[0] if opened else float("inf"),
+        recovered_after=recovered_at - healed,
+        final_ratio=final or 0.0,
+        max_latency=max(call.latency for call in load.calls),
+        max_excess=max(call.latency - call.db for call in load.calls),
+        calls=len(load.calls),
+    )
+    print(f"\n{figures}")  # the figures the issue asks for, shown with -s
+    return figures
+
+
+def check(load: Load, figures: Figures) -> None:
+    assert load.errors == []
+    assert sum(call.stale for call in load.calls) == 0
+    assert figures.breaker_open_after <= 1.0
+    assert figures.recovered_after <= 5.0
+    assert figures.final_ratio >= RECOVERED * figures.baseline
+    slow = sorted((call for call in load.calls if call.latency - call.db > LATENCY_BOUND),
+                  key=lambda call: -call.latency)  # fmt: skip
+    assert not slow, f"{len(slow)} calls over {LATENCY_BOUND:.2f} s + DB time: {slow[:5]}"
+
+
+def test_redis_killed_and_restarted_under_load(cache: Cache, redis_process: Server) -> None:
+    load = Load(cache, Database())
+    faulted, healed = load.run(redis_process.kill, redis_process.start)
+    figures = measure(load, breaker_of(cache), faulted, healed)
+    check(load, figures)
+
+
+@needs_core_fix
+def test_redis_hung_and_resumed_under_load(cache: Cache, redis_process: Server) -> None:
+    load = Load(cache, Database())
+    faulted, healed = load.run(redis_process.pause, redis_process.resume)
+    figures = measure(load, breaker_of(cache), faulted, healed)
+    check(load, figures)
+
+
+# -- lost invalidations ----------------------------------------------------------------
+
+HANG = 5.0
+READ_ON = 2.0  # reading after the hang: across the breaker's cool-down and its probe
+
+
+@needs_core_fix
+@pytest.mark.parametrize("writer", ["delete", "write-through"])
+def test_no_stale_reads_after_invalidations_during_a_hang(
+    cache: Cache, redis_process: Server, namespace: str, writer: str
+) -> None:
+    db = Database()
+    rows = cache.write_through("row", load=db.load, save=db.save, remove=lambda id_: None)
+    assert all(rows.get(id_) == {"id": id_, "version": 0} for id_ in range(ROWS))
+    assert all(rows.get(id_)["version"] == 0 for id_ in range(ROWS))  # cached: hits
+    assert cache.stats().hits >= ROWS
+
+    redis_process.pause()
+    try:
+        hung_at = time.monotonic()
+        for id_ in range(ROWS):
+            if writer == "delete":
+                db.update(id_)
+                rows.invalidate(id_)
+            else:
+                rows.put(id_, {"id": id_, "version": 1})
+        reads = []
+        while time.monotonic() < hung_at + HANG:  # readers keep coming; the breaker probes
+            reads += [rows.get(id_) for id_ in range(ROWS)]
+    finally:
+        redis_process.resume()
+    assert cache.stats().invalidations_deferred == ROWS  # every invalidation was lost
+
+    # Read every row, over and over, from the first moment: through the breaker's
+    # cool-down, its probe and the journal's replay. Every read must be current.
+    resumed = time.monotonic()
+    while time.monotonic() < resumed + READ_ON:
+        reads += [rows.get(id_) for id_ in range(ROWS)]
+    stale = [row for row in reads if row["version"] != 1]
+    print(f"\nstale reads: {len(stale)} of {len(reads)}; {cache.stats()}")
+    assert stale == []
+    assert cache.stats().pending_invalidations == 0  # replayed...
+    hits = cache.stats().hits
+    assert all(rows.get(id_)["version"] == 1 for id_ in range(ROWS))
+    assert cache.stats().hits > hits  # ...and the cache serves again
+
+    # Nothing stale is left on the server either: a cache of its own (another
+    # process) reads current rows or misses.
+    other_backend = RedisBackend.from_url(f"redis://{redis_process.address}/0", timeout=1.0)
+    try:
+        other = Cache(other_backend, namespace=namespace, breaker=None)
+        left = [other.get(f"row:{id_}") for id_ in range(ROWS)]
+    finally:
+        other_backend.close()
+    assert [row for row in left if row is not MISSING and row["version"] != 1] == []
+
+
+# -- leases lost in a hang -------------------------------------------------------------
+
+
+@needs_core_fix
+@pytest.mark.parametrize("lost", ["add lands late", "fill refused"])
+def test_a_lease_lost_in_a_hang_does_not_block_readers(
+    cache: Cache, redis_process: Server, lost: str
+) -> None:
+    """A lease nobody will fill must not make readers wait out ``lease_ttl`` (5 s).
+
+    ``add lands late``: the server hangs with the lease's SET NX in flight; the client
+    gives up after its budget, and the server stores the marker when it resumes.
+    ``fill refused``: the server hangs while the holder loads, the breaker opens, and
+    the holder's fill is never sent, leaving its marker behind.
+    """
+    cache.get("warm")  # an established connection, as under load
+    store = cache.store
+    real_add = store.add
+
+    def add_then_hang(key: str, value: Any, ttl: float | None) -> bool:
+        store.add = real_add  # type: ignore[method-assign]
+        redis_process.pause()
+        return real_add(key, value, ttl)
+
+    def load_while_it_hangs() -> str:
+        redis_process.pause()
+        for _ in range(breaker_of(cache).failures):
+            cache.get("other")  # each times out: the breaker opens
+        return "old"
+
+    if lost == "add lands late":
+        store.add = add_then_hang  # type: ignore[method-assign]
+        assert cache.get_or_load("k", lambda: "old") == "old"
+    else:
+        assert cache.get_or_load("k", load_while_it_hangs) == "old"
+        assert breaker_of(cache).state == "open"
+    redis_process.resume()
+    time.sleep(breaker_of(cache).cooldown)  # the breaker lets a probe through
+
+    start = time.monotonic()
+    assert cache.get_or_load("k", lambda: "new") == "new"
+    latency = time.monotonic() - start
+    print(f"\nfirst read after the hang: {latency:.3f} s")
+    assert latency < LATENCY_BOUND
+    assert cache.get("k") == "new"
