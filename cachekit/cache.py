@@ -124,6 +124,8 @@ class Cache:
             else max_value_size
         )
         self.journal = Journal()
+        # Leases whose writes failed in flight, {bkey: marker}; see leases.py.
+        self.lost_leases: dict[str, Any] = {}
         self.namespace = validate_namespace(namespace)
         self.ttl = to_seconds(ttl)
         self.none_ttl = self._none_ttl(none_ttl)
@@ -447,6 +449,11 @@ class Cache:
         self, bkey: str, loader: Callable[[], V], policy: FillPolicy, tags_of: TagsOf = None
     ) -> V:
         """The miss path after a lookup missed: under a lease unless leases are off."""
+        if self.journal and bkey in self.journal.keys:
+            # A delete of it is still to be replayed, so the server may hold the old
+            # value: a lease's add would find it taken and a waiter would return it.
+            # It is not filled either (see _pack_fill): load without the cache.
+            return self._load_uncached(loader)
         if policy.lease_ttl is not None:
             return load_under_lease(self, bkey, loader, policy, tags_of)
         loaded = self._timed_load(loader, tags_of)

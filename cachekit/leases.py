@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from cachekit.backends.base import MISSING
 from cachekit.entries import Entry, Loaded
-from cachekit.exceptions import UNSTORABLE, CacheError
+from cachekit.exceptions import UNSTORABLE, BackendTimeout, CacheError
 from cachekit.markers import is_marker, new_lease
 from cachekit.policy import FillPolicy
 
@@ -47,6 +47,8 @@ V = TypeVar("V")
 
 # Waiters past the lease's own expiry allow this much for a new holder to appear.
 _GRACE = 1.0
+# Lost leases remembered per cache, at most (past it, they expire on their own).
+_LOST_LIMIT = 10_000
 
 
 class _GiveUp(enum.Enum):
@@ -66,12 +68,14 @@ def load_under_lease(
     lease_ttl = policy.lease_ttl
     assert lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
     deadline = None
+    if cache.lost_leases and not _reclaim(cache, bkey):
+        return cache._load_uncached(loader)
     while True:
         marker = new_lease(cache.store.stores_objects)
         try:
             acquired = cache.store.add(bkey, marker, lease_ttl)
         except CacheError as exc:
-            cache._write_failed(exc)
+            _lost(cache, {bkey: marker} if isinstance(exc, BackendTimeout) else {}, exc)
             return cache._load_uncached(loader)
         if acquired:
             return _load_as_holder(cache, bkey, marker, loader, policy, tags_of)
@@ -141,7 +145,7 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
     try:
         stored = cache.store.compare_and_set(bkey, marker, *packed)
     except CacheError as exc:
-        cache._write_failed(exc)
+        _lost(cache, {bkey: marker}, exc)
         return value
     if not stored:
         cache._counters.fills_rejected += 1
@@ -161,11 +165,13 @@ def load_many_under_lease(
     keys leased, one ``compare_and_set_many`` per TTL to fill them. Keys leased by
     someone else are waited for one by one. Returns ``{bkey: value or None}``."""
     assert policy.lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
+    for bkey in [bkey for bkey in wanted if bkey in cache.lost_leases]:
+        _reclaim(cache, bkey)  # if it fails, so will its add: it is loaded on its own
     markers = {bkey: new_lease(cache.store.stores_objects) for bkey in wanted}
     try:
         leased = cache.store.add_many(markers, policy.lease_ttl)
     except CacheError as exc:
-        cache._write_failed(exc)
+        _lost(cache, markers if isinstance(exc, BackendTimeout) else {}, exc)
         leased = set()
     mine = {bkey: wanted[bkey] for bkey in wanted if bkey in leased}
     results: dict[str, Any] = {}
@@ -226,7 +232,7 @@ def _fill_many(cache: Cache, fills: Mapping[str, tuple[Any, Loaded]], policy: Fi
         try:
             stored = cache.store.compare_and_set_many(items, seconds)
         except CacheError as exc:
-            cache._write_failed(exc)
+            _lost(cache, {bkey: marker for bkey, (marker, _) in items.items()}, exc)
             continue
         cache._counters.fills_rejected += len(items) - len(stored)
 
@@ -235,4 +241,29 @@ def _release(cache: Cache, bkey: str, marker: Any) -> None:
     try:
         cache.store.compare_and_delete(bkey, marker)
     except CacheError as exc:
-        cache._write_failed(exc)  # the lease will expire on its own
+        _lost(cache, {bkey: marker}, exc)
+
+
+def _lost(cache: Cache, markers: Mapping[str, Any], exc: CacheError) -> None:
+    """Lease writes failed in flight, so their markers may sit on the server held by
+    nobody: an ``add`` that timed out yet landed once the server woke up, a lease whose
+    fill or release never arrived. Waiters would sit such a marker out for
+    ``lease_ttl``; remembered here, it is deleted by the next miss on its key."""
+    cache._write_failed(exc)
+    if len(cache.lost_leases) + len(markers) <= _LOST_LIMIT:
+        cache.lost_leases.update(markers)
+
+
+def _reclaim(cache: Cache, bkey: str) -> bool:
+    """Delete this cache's lost lease on ``bkey``, if any (only that marker: never a
+    value or another caller's lease). False if the server failed: don't wait on it."""
+    marker = cache.lost_leases.pop(bkey, MISSING)
+    if marker is MISSING:
+        return True
+    try:
+        cache.store.compare_and_delete(bkey, marker)
+    except CacheError as exc:
+        cache.lost_leases.setdefault(bkey, marker)
+        cache._write_failed(exc)
+        return False
+    return True

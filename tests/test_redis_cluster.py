@@ -22,7 +22,7 @@ from redis.exceptions import SlotNotCoveredError
 from cachekit import MISSING, Cache
 from cachekit.backends.redis import RedisBackend
 from cachekit.keys import encode_key
-from tests.conftest import _forget_namespace, cluster_client
+from tests.conftest import cluster_client
 
 pytestmark = pytest.mark.redis_cluster
 
@@ -39,7 +39,9 @@ def client(redis_cluster: tuple[str, int]) -> Iterator[RedisCluster]:
 @pytest.fixture
 def backend(client: RedisCluster, namespace: str) -> Iterator[RedisBackend]:
     yield RedisBackend(client)
-    _forget_namespace(client, namespace)
+    left = list(client.scan_iter(match=namespace + "*"))  # every primary's keys
+    if left:
+        client.delete(*left)  # split by slot
 
 
 @pytest.fixture
