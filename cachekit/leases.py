@@ -19,7 +19,7 @@ the backend's atomic primitives:
 Limits: a holder that outlives ``lease_ttl`` loses its lease (its fill is rejected
 and another caller loads). A server that evicts a lease early only costs a second
 loader call; neither can store stale data. Waiters give up after ``lease_ttl`` plus
-one second and call the loader themselves, without storing its result.
+1.5 seconds and call the loader themselves, without storing its result.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ __all__ = ["load_many_under_lease", "load_under_lease"]
 K = TypeVar("K")
 V = TypeVar("V")
 
-# Waiters past the lease's own expiry allow this much for a new holder to appear.
-_GRACE = 1.0
+# Waiters past the lease's own expiry allow this much for it to go and a new holder to
+# appear: memcached keeps a lease up to one second past lease_ttl (its clock ticks in
+# whole seconds; see MemcachedBackend), so less would let every waiter load at once.
+_GRACE = 1.5
 # Lost leases remembered per cache, at most (past it, they expire on their own).
 _LOST_LIMIT = 10_000
 

@@ -1,0 +1,168 @@
+"""The clients MemcachedBackend talks through: built, checked, and picked for a key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from typing import Any, Final, Protocol, cast
+
+from cachekit.exceptions import ConfigurationError, missing_dependency
+
+try:
+    from pymemcache.client.base import normalize_server_spec
+    from pymemcache.serde import LegacyWrappingSerde
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise missing_dependency("pymemcache", "memcached") from exc
+
+
+class _BytesSerde:
+    """Passes bytes through untouched: serialization is the Cache facade's job."""
+
+    def serialize(self, key: bytes, value: Any) -> tuple[bytes, int]:
+        if not isinstance(value, bytes):
+            # pymemcache would otherwise store str(value): silent corruption.
+            raise TypeError(f"memcached values are bytes, not {type(value).__name__}")
+        return value, 0
+
+    def deserialize(self, key: bytes, value: bytes, flags: int) -> bytes:
+        return value
+
+
+_SERDE: Final = _BytesSerde()
+
+
+# A client method's name, or a function called with the client as first argument.
+_Operation = str | Callable[..., Any]
+
+
+def _bind(client: Any, operation: _Operation) -> Callable[..., Any]:
+    if isinstance(operation, str):
+        return cast(Callable[..., Any], getattr(client, operation))
+    return partial(operation, client)
+
+
+class _Nodes(Protocol):
+    """Routes keys to the pymemcache client of their server and runs commands there."""
+
+    def node_for(self, key: str) -> Any: ...
+    def group(self, keys: Iterable[str]) -> dict[Any, list[str]]: ...
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any: ...
+    def close(self) -> None: ...
+
+
+class _Pool:
+    """Plain Clients for one server, one per concurrent caller.
+
+    A pymemcache ``Client`` owns one socket and is not thread-safe: threads sharing
+    one interleave their replies. ``PooledClient`` is safe but costs ~2 us a call in
+    its lock and context manager; ``list.pop`` and ``list.append`` are atomic under
+    the GIL, so a free list costs ~0.1 us. The pool grows to peak concurrency.
+    """
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._idle: list[Any] = []
+        self._created: list[Any] = []
+
+    def node_for(self, key: str) -> Any:
+        return None
+
+    def group(self, keys: Iterable[str]) -> dict[Any, list[str]]:
+        return {None: list(keys)}
+
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
+        try:
+            client = self._idle.pop()
+        except IndexError:
+            client = self._factory()
+            self._created.append(client)
+        try:
+            return _bind(client, operation)(*args, **kwargs)
+        finally:
+            # pymemcache closes the socket on any error, so the client reconnects
+            # on its next use and is safe to reuse.
+            self._idle.append(client)
+
+    def close(self) -> None:
+        for client in self._created:
+            client.close()
+
+
+class _Injected:
+    """A caller's ``Client`` or ``PooledClient``, used as given and never closed."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def node_for(self, key: str) -> Any:
+        return self._client
+
+    def group(self, keys: Iterable[str]) -> dict[Any, list[str]]:
+        return {self._client: list(keys)}
+
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
+        return _bind(node, operation)(*args, **kwargs)
+
+    def close(self) -> None:
+        """The caller owns the client."""
+
+
+def _server_specs(servers: str | Sequence[str]) -> list[Any]:
+    """Parse ``host:port`` strings into pymemcache's server specs."""
+    names = [servers] if isinstance(servers, str) else list(servers)
+    if not names:
+        raise ConfigurationError("MemcachedBackend needs at least one server")
+    specs = []
+    for name in names:
+        if not isinstance(name, str):
+            raise ConfigurationError(f"servers are 'host:port' strings, got {name!r}")
+        try:
+            specs.append(normalize_server_spec(name))
+        except ValueError as exc:
+            raise ConfigurationError(f"bad memcached address {name!r}: {exc}") from exc
+    return specs
+
+
+def _check_seconds(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and value > 0):
+        raise ConfigurationError(f"{name} must be positive seconds, got {value!r}")
+
+
+def _client_options(timeout: float, connect_timeout: float) -> dict[str, Any]:
+    return {
+        "serde": _SERDE,
+        "timeout": timeout,
+        "connect_timeout": connect_timeout,
+        "no_delay": True,  # a large batch must not wait on Nagle's algorithm
+        "default_noreply": False,
+    }
+
+
+def _check_injected(client: Any, nodes: list[Any]) -> None:
+    """Refuse a client that would hide errors or alter keys or values."""
+    if client.ignore_exc:
+        raise ConfigurationError(
+            "the memcached client has ignore_exc=True, which turns server errors into "
+            "misses; build it with ignore_exc=False so cache failures are reported"
+        )
+    for node in nodes:
+        if node.key_prefix:
+            raise ConfigurationError(
+                "the memcached client has a key_prefix; use the Cache namespace instead, "
+                "so the 250-byte key limit is checked against the full key"
+            )
+        if not _passes_bytes_through(node.serde):
+            raise ConfigurationError(
+                "the memcached client has a serializer; leave it out: values reach the "
+                "backend as bytes, already serialized by the Cache"
+            )
+
+
+def _passes_bytes_through(serde: Any) -> bool:
+    if isinstance(serde, _BytesSerde):
+        return True
+    return (
+        isinstance(serde, LegacyWrappingSerde)
+        and serde.serialize == serde._default_serialize
+        and serde.deserialize == serde._default_deserialize
+    )
