@@ -23,11 +23,12 @@ from cachekit.exceptions import (
     DecodeError,
     ValueTooLarge,
 )
+from cachekit.fills import token_ttl
 from cachekit.freshness import read_without_loader, serve
 from cachekit.invalidation import TagGuard, invalidate_tags, stale_entries
 from cachekit.journal import Journal
 from cachekit.keys import make_backend_key, validate_namespace
-from cachekit.leases import load_under_lease
+from cachekit.leases import load_and_fill
 from cachekit.markers import MARKER_BYTE, Marker
 from cachekit.policy import FillPolicy, PolicyOptions, resolve
 from cachekit.serializers import JsonSerializer, Serializer
@@ -343,7 +344,7 @@ class Cache:
                 raise
             self.store.set(bkey, data, seconds)
             return
-        tokens = TagGuard(self).tokens(tags, self._token_ttl(), check_epoch=False)
+        tokens = TagGuard(self).tokens(tags, token_ttl(self), check_epoch=False)
         loaded = Loaded(value, 0.0, tokens)
         self.store.set(bkey, *pack(self, bkey, loaded, seconds, None))
 
@@ -442,93 +443,8 @@ class Cache:
         policy = self.policy(ttl, **options)
         tags_of = _tags_function(tags)
         if value is MISSING:
-            return self._load_and_fill(bkey, loader, policy, tags_of)
+            return load_and_fill(self, bkey, loader, policy, tags_of)
         return serve(self, bkey, value, loader, policy, tags_of)
-
-    def _load_and_fill(
-        self, bkey: str, loader: Callable[[], V], policy: FillPolicy, tags_of: TagsOf = None
-    ) -> V:
-        """The miss path after a lookup missed: under a lease unless leases are off."""
-        if self.journal and bkey in self.journal.keys:
-            # A delete of it is still to be replayed, so the server may hold the old
-            # value: a lease's add would find it taken and a waiter would return it.
-            # It is not filled either (see _pack_fill): load without the cache.
-            return self._load_uncached(loader)
-        if policy.lease_ttl is not None:
-            return load_under_lease(self, bkey, loader, policy, tags_of)
-        loaded = self._timed_load(loader, tags_of)
-        self._store_unleased(bkey, loaded, policy)
-        return loaded.value  # type: ignore[no-any-return]
-
-    def _store_unleased(self, bkey: str, loaded: Loaded, policy: FillPolicy) -> None:
-        """Leases off: an unconditional set, open to the stale-set race leases close."""
-        try:
-            packed = self._pack_fill(bkey, loaded, policy)
-            if packed is not None:
-                self.store.set(bkey, *packed)
-        except (CacheError, *UNSTORABLE) as exc:
-            self._write_failed(exc)
-
-    def _timed_load(self, loader: Callable[[], Any], tags_of: TagsOf = None) -> Loaded:
-        """Call the loader, count it and time it (early refresh reads the time); for a
-        tagged fill, read the tag epoch first and the tokens after (invalidation)."""
-        guard = None
-        if tags_of is not None:
-            try:
-                guard = TagGuard(self)
-            except CacheError as exc:
-                self._write_failed(exc)
-        start = time.monotonic()
-        value = loader()
-        self._counters.loads += 1
-        loaded = Loaded(value, time.monotonic() - start)
-        if tags_of is not None:
-            loaded.tags = self._tokens(guard, tags_of(value))
-            loaded.rejected = loaded.tags is None
-        return loaded
-
-    def _tokens(self, guard: TagGuard | None, tags: Iterable[str]) -> dict[str, str] | None:
-        """The tag tokens to store, or ``None`` when the fill must not be stored."""
-        if guard is None:
-            return None
-        try:
-            tokens = guard.tokens(tags, self._token_ttl())
-        except CacheError as exc:
-            self._write_failed(exc)
-            return None
-        if tokens is None:
-            self._counters.fills_rejected += 1  # a tag was invalidated during the load
-        return tokens
-
-    def _token_ttl(self) -> float | None:
-        return None if self.ttl is None else max(self.ttl, self.none_ttl or 0.0)
-
-    def _pack_fill(
-        self, bkey: str, loaded: Loaded, policy: FillPolicy
-    ) -> tuple[Any, float | None] | None:
-        """Encode a loaded value and its physical TTL; ``None`` if it must not be stored.
-
-        Raises:
-            SerializationError: the serializer cannot encode the value.
-        """
-        if loaded.rejected:
-            return None
-        if self.journal and (
-            bkey in self.journal.keys or (loaded.tags and self.journal.tags & loaded.tags.keys())
-        ):
-            return None  # an invalidation of it is still to be replayed
-        seconds = self._resolve_ttl(policy.ttl, loaded.value)
-        if seconds == 0:  # a None with negative caching off
-            return None
-        if policy.annotated or loaded.tags:
-            return pack(self, bkey, loaded, seconds, policy.stale_ttl)
-        return self._encode(bkey, loaded.value), seconds
-
-    def _load_uncached(self, loader: Callable[[], V]) -> V:
-        """Call the loader without storing: the cache failed or a lease holder hung."""
-        value = loader()
-        self._counters.loads += 1
-        return value
 
     def _write_failed(self, exc: Exception) -> None:
         self._counters.errors += 1

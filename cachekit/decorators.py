@@ -16,6 +16,7 @@ from cachekit.backends.base import MISSING
 from cachekit.entries import Entry
 from cachekit.exceptions import CacheError
 from cachekit.freshness import serve
+from cachekit.leases import load_and_fill
 from cachekit.markers import Marker
 from cachekit.policy import FillPolicy
 
@@ -160,7 +161,7 @@ def cached(
 def _wrap_function(
     cache: Cache, func: Callable[P, R], make_key: _KeyMaker, policy: FillPolicy
 ) -> CachedFunction[P, R]:
-    fill = functools.partial(cache._load_and_fill, policy=policy)
+    fill = functools.partial(load_and_fill, cache, policy=policy)
     # The common call shape builds its backend key inline, with no call: only for
     # default keys of plain functions on backends that take any key string.
     fast = make_key.spec is None and not make_key.skip_self and cache.store.key_policy is None
@@ -192,7 +193,7 @@ def _generic_wrapper(
     # call saved is worth ~5% of an in-process hit.
     backend_key = cache.backend_key
     lookup = cache._lookup
-    fill = cache._load_and_fill
+    fill = functools.partial(load_and_fill, cache)
 
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if kwargs or len(args) != arity:
@@ -268,7 +269,7 @@ class _Controls(Generic[P, R]):
         loader = functools.partial(self.func, *args, **kwargs)
         tags_of = self.make_key.tags_of(args, kwargs)
         bkey = self.cache.backend_key(key)
-        return self.cache._load_and_fill(bkey, loader, self.policy, tags_of)
+        return load_and_fill(self.cache, bkey, loader, self.policy, tags_of)
 
 
 class _CachedMethod(Generic[P, R]):

@@ -25,6 +25,7 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cachekit import fills
 from cachekit.entries import FOREVER, Entry, Loaded
 from cachekit.exceptions import UNSTORABLE, CacheError
 from cachekit.keys import make_backend_key
@@ -83,7 +84,7 @@ def _refresh(
         return _served(cache, entry, stale)  # type: ignore[no-any-return]
     try:
         try:
-            loaded = cache._timed_load(loader, tags_of)
+            loaded = fills.timed_load(cache, loader, tags_of)
         except Exception as exc:  # serve-stale-on-error: the caller still gets a value
             cache._counters.errors += 1
             cache._log(f"refresh of {bkey!r} failed, serving the cached value: {exc!r}")
@@ -99,7 +100,7 @@ def _refresh(
 
 def _store(cache: Cache, bkey: str, entry: Entry, loaded: Loaded, policy: FillPolicy) -> None:
     try:
-        packed = cache._pack_fill(bkey, loaded, policy)
+        packed = fills.pack_fill(cache, bkey, loaded, policy)
     except UNSTORABLE as exc:
         cache._write_failed(exc)
         return

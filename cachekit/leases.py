@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cachekit import fills
 from cachekit.backends.base import MISSING
 from cachekit.entries import Entry, Loaded
 from cachekit.exceptions import UNSTORABLE, BackendTimeout, CacheError
@@ -40,7 +41,7 @@ from cachekit.policy import FillPolicy
 if TYPE_CHECKING:
     from cachekit.cache import Cache, TagsOf
 
-__all__ = ["load_many_under_lease", "load_under_lease"]
+__all__ = ["load_and_fill", "load_many_under_lease", "load_under_lease"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -59,6 +60,22 @@ class _GiveUp(enum.Enum):
     GIVE_UP = "GIVE_UP"
 
 
+def load_and_fill(
+    cache: Cache, bkey: str, loader: Callable[[], V], policy: FillPolicy, tags_of: TagsOf = None
+) -> V:
+    """The miss path after a lookup missed: under a lease unless leases are off."""
+    if cache.journal and bkey in cache.journal.keys:
+        # A delete of it is still to be replayed, so the server may hold the old value:
+        # a lease's add would find it taken and a waiter would return it. It is not
+        # filled either (see fills.pack_fill): load without the cache.
+        return fills.load_uncached(cache, loader)
+    if policy.lease_ttl is not None:
+        return load_under_lease(cache, bkey, loader, policy, tags_of)
+    loaded = fills.timed_load(cache, loader, tags_of)
+    fills.store_unleased(cache, bkey, loaded, policy)
+    return loaded.value  # type: ignore[no-any-return]
+
+
 def load_under_lease(
     cache: Cache,
     bkey: str,
@@ -71,14 +88,14 @@ def load_under_lease(
     assert lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
     deadline = None
     if cache.lost_leases and not _reclaim(cache, bkey):
-        return cache._load_uncached(loader)
+        return fills.load_uncached(cache, loader)
     while True:
         marker = new_lease(cache.store.stores_objects)
         try:
             acquired = cache.store.add(bkey, marker, lease_ttl)
         except CacheError as exc:
             _lost(cache, {bkey: marker} if isinstance(exc, BackendTimeout) else {}, exc)
-            return cache._load_uncached(loader)
+            return fills.load_uncached(cache, loader)
         if acquired:
             return _load_as_holder(cache, bkey, marker, loader, policy, tags_of)
         if deadline is None:
@@ -86,7 +103,7 @@ def load_under_lease(
             deadline = time.monotonic() + lease_ttl + _GRACE
         value = _wait_for_holder(cache, bkey, deadline)
         if value is _GiveUp.GIVE_UP:
-            return cache._load_uncached(loader)
+            return fills.load_uncached(cache, loader)
         if value is not MISSING:
             return value  # type: ignore[no-any-return]
         # MISSING: the lease was released, expired or invalidated; compete again.
@@ -126,13 +143,13 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
     tags_of: TagsOf,
 ) -> V:
     try:
-        loaded = cache._timed_load(loader, tags_of)
+        loaded = fills.timed_load(cache, loader, tags_of)
     except BaseException:
         _release(cache, bkey, marker)  # let a waiter take over now, not at lease expiry
         raise
     value: V = loaded.value
     try:
-        packed = cache._pack_fill(bkey, loaded, policy)
+        packed = fills.pack_fill(cache, bkey, loaded, policy)
     except UNSTORABLE as exc:
         # The call must still work; the error is the caller's to see in stats and logs.
         _release(cache, bkey, marker)
@@ -180,22 +197,24 @@ def load_many_under_lease(
     if mine:
         batch_tags = None if tags_of is None else functools.partial(_batch_tags, tags_of, mine)
         try:
-            batch = cache._timed_load(functools.partial(load_many, list(mine.values())), batch_tags)
+            batch = fills.timed_load(
+                cache, functools.partial(load_many, list(mine.values())), batch_tags
+            )
         except BaseException:
             for bkey in mine:
                 _release(cache, bkey, markers[bkey])
             raise
         results = {bkey: batch.value.get(id_) for bkey, id_ in mine.items()}
-        fills = {
+        leased_fills = {
             bkey: (markers[bkey], _one(batch, results[bkey], tags_of, id_))
             for bkey, id_ in mine.items()
         }
-        _fill_many(cache, fills, policy)
+        _fill_many(cache, leased_fills, policy)
     for bkey, id_ in wanted.items():
         if bkey not in leased:
             one_tags = None if tags_of is None else functools.partial(tags_of, id_)
             load = functools.partial(load_one, id_)
-            results[bkey] = cache._load_and_fill(bkey, load, policy, one_tags)
+            results[bkey] = load_and_fill(cache, bkey, load, policy, one_tags)
     return results
 
 
@@ -216,12 +235,12 @@ def _one(
     return Loaded(value, batch.delta, tokens)
 
 
-def _fill_many(cache: Cache, fills: Mapping[str, tuple[Any, Loaded]], policy: FillPolicy) -> None:
+def _fill_many(cache: Cache, leased: Mapping[str, tuple[Any, Loaded]], policy: FillPolicy) -> None:
     """Store leased values ``{bkey: (marker, loaded)}``, one batch per physical TTL."""
     groups: dict[float | None, dict[str, tuple[Any, Any]]] = {}
-    for bkey, (marker, loaded) in fills.items():
+    for bkey, (marker, loaded) in leased.items():
         try:
-            packed = cache._pack_fill(bkey, loaded, policy)
+            packed = fills.pack_fill(cache, bkey, loaded, policy)
         except UNSTORABLE as exc:
             cache._write_failed(exc)
             packed = None

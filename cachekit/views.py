@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from cachekit.backends.base import MISSING
 from cachekit.entries import Entry
 from cachekit.freshness import serve
-from cachekit.leases import load_many_under_lease
+from cachekit.leases import load_and_fill, load_many_under_lease
 from cachekit.policy import FillPolicy
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class ReadThroughView(Generic[K, V]):
         loader = functools.partial(self._load, id)
         tags_of = self._tags_of(id)
         if value is MISSING:
-            return self.cache._load_and_fill(bkey, loader, self.policy, tags_of)
+            return load_and_fill(self.cache, bkey, loader, self.policy, tags_of)
         return serve(self.cache, bkey, value, loader, self.policy, tags_of)
 
     def _tags_of(self, id: K) -> Callable[[Any], Iterable[str]] | None:
@@ -94,8 +94,8 @@ class ReadThroughView(Generic[K, V]):
             )
         # Leases off (the unprotected baseline): one load per id, no batching.
         return {
-            bkey: cache._load_and_fill(
-                bkey, functools.partial(self._load, id_), policy, self._tags_of(id_)
+            bkey: load_and_fill(
+                cache, bkey, functools.partial(self._load, id_), policy, self._tags_of(id_)
             )
             for bkey, id_ in missing.items()
         }

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from cachekit import MISSING, Cache, ConfigurationError
+from cachekit import MISSING, Cache, ConfigurationError, fills
 from cachekit.backends.base import Backend
 from cachekit.backends.memory import MemoryBackend
 from cachekit.entries import Loaded
@@ -180,11 +180,11 @@ def test_early_refresh_follows_the_xfetch_rule(
     cache = Cache(backend, namespace=namespace, ttl=TTL, early_refresh=1.0, clock=clock)
     loads: list[int] = []
 
-    def timed_load(loader: Callable[[], int], tags_of: object = None) -> Loaded:
+    def timed_load(cache: Cache, loader: Callable[[], int], tags_of: object = None) -> Loaded:
         loads.append(1)
         return Loaded(len(loads), 2.0)  # every load "takes" 2 s
 
-    monkeypatch.setattr(cache, "_timed_load", timed_load)
+    monkeypatch.setattr(fills, "timed_load", timed_load)
     assert cache.get_or_load("k", lambda: 0) == 1
     clock.advance(TTL - 1)  # 1 s before expiry, delta = 2 s
     # Refresh when -ln(U) * delta * beta >= 1 s, that is when U <= e^-0.5 ~ 0.607.
