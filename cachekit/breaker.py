@@ -72,6 +72,16 @@ class CircuitBreaker:
             self._consecutive = 0
             self.state = "closed"
 
+    def abandoned(self) -> None:
+        """A call ended without an answer either way (interrupted, or a bug outside the
+        backend): a half-open probe goes back to open, so a later one can run."""
+        if self.state != "half-open":
+            return
+        with self._lock:
+            if self.state == "half-open":
+                self.state = "open"
+                self._opened_at = self.timer()
+
     def failed(self) -> None:
         """Record a failed call; open the breaker at the threshold, or after a probe."""
         with self._lock:
@@ -109,6 +119,9 @@ class BreakerBackend:
             result = method(*args)
         except BackendError:
             breaker.failed()
+            raise
+        except BaseException:
+            breaker.abandoned()  # no verdict on the server, but a probe must not hang
             raise
         breaker.succeeded()
         return result

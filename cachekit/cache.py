@@ -18,6 +18,7 @@ from cachekit.decorators import CachedFunction, KeySpec, TagSpec, cached
 from cachekit.entries import ENTRY_BYTE, Entry, Loaded, pack, unpack
 from cachekit.exceptions import (
     UNSTORABLE,
+    BackendError,
     CacheError,
     ConfigurationError,
     DecodeError,
@@ -219,7 +220,9 @@ class Cache:
 
     def _lookup_many(self, bkeys: list[str]) -> dict[str, Any]:
         if self.journal:
-            bkeys = [bkey for bkey in bkeys if not self._journaled(bkey)]
+            pending = [bkey for bkey in bkeys if self._journaled(bkey)]
+            self._counters.misses += len(pending)
+            bkeys = [bkey for bkey in bkeys if bkey not in pending]
         if not bkeys:
             return {}
         try:
@@ -344,9 +347,20 @@ class Cache:
                 raise
             self.store.set(bkey, data, seconds)
             return
-        tokens = TagGuard(self).tokens(tags, token_ttl(self), check_epoch=False)
-        loaded = Loaded(value, 0.0, tokens)
-        self.store.set(bkey, *pack(self, bkey, loaded, seconds, None))
+        tags = list(tags)
+        guard = TagGuard(self)
+        tokens = guard.tokens(tags, token_ttl(self), check_epoch=False)
+        if tokens is None:  # created concurrently by another caller: now they exist
+            tokens = guard.tokens(tags, token_ttl(self), check_epoch=False)
+        if tokens is None:
+            self.delete(key)
+            raise BackendError(f"could not read the tag tokens of {key!r}; not stored")
+        try:
+            packed = pack(self, bkey, Loaded(value, 0.0, tokens), seconds, None)
+        except UNSTORABLE:
+            self.delete(key)  # as above: never leave the old entry behind a failed set
+            raise
+        self.store.set(bkey, *packed)
 
     def invalidate_tags(self, tags: Iterable[str]) -> None:
         """Remove every entry tagged with any of ``tags``, in two round trips.

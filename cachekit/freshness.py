@@ -35,6 +35,9 @@ from cachekit.policy import FillPolicy
 if TYPE_CHECKING:
     from cachekit.cache import Cache, TagsOf
 
+# The refresh lease when leases are off: it must still expire if its holder dies.
+_REFRESH_LEASE = 5.0
+
 __all__ = ["read_without_loader", "serve"]
 
 V = TypeVar("V")
@@ -76,7 +79,9 @@ def _refresh(
     lease_key = make_backend_key(cache.namespace + "!", bkey, cache.store.key_policy)
     marker = new_lease(cache.store.stores_objects)
     try:
-        acquired = cache.store.add(lease_key, marker, policy.lease_ttl or cache.lease_ttl)
+        acquired = cache.store.add(
+            lease_key, marker, policy.lease_ttl or cache.lease_ttl or _REFRESH_LEASE
+        )
     except CacheError as exc:
         cache._write_failed(exc)
         acquired = False

@@ -108,6 +108,10 @@ class TagGuard:
             if len(added) < len(missing):
                 return None  # created concurrently: don't guess which token is current
             tokens.update({wanted[key]: token for key, token in missing.items()})
+            # A token created here may postdate an invalidation that found none to
+            # delete: the epoch, which invalidate_tags moves first, tells.
+            if check_epoch and _decode(cache.store.get(epoch_key)) != self._epoch:
+                return None
         return tokens
 
 

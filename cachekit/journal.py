@@ -48,6 +48,8 @@ class Journal:
         self.keys: set[str] = set()
         self.tags: set[str] = set()
         self._next_try = 0.0
+        self._again_keys: set[str] = set()
+        self._again_tags: set[str] = set()
         self._lock = threading.Lock()
 
     def __bool__(self) -> bool:
@@ -71,6 +73,10 @@ class Journal:
                 )
             self.keys |= keys
             self.tags |= tags
+            # Recorded again while a replay is in flight: that replay may have run before
+            # this failure's write, so it must not clear them.
+            self._again_keys |= keys
+            self._again_tags |= tags
 
     def settle(self, cache: Cache) -> bool:
         """Replay pending invalidations if it is time to retry; return whether the
@@ -79,7 +85,10 @@ class Journal:
         if now < self._next_try:
             return False
         self._next_try = now + self.retry
-        keys, tags = set(self.keys), set(self.tags)
+        with self._lock:
+            keys, tags = set(self.keys), set(self.tags)
+            self._again_keys.clear()
+            self._again_tags.clear()
         try:
             if keys:
                 cache.store.delete_many(list(keys))
@@ -88,6 +97,6 @@ class Journal:
         except CacheError:
             return False
         with self._lock:
-            self.keys -= keys
-            self.tags -= tags
+            self.keys -= keys - self._again_keys
+            self.tags -= tags - self._again_tags
             return not self

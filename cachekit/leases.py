@@ -106,7 +106,12 @@ def load_under_lease(
             return fills.load_uncached(cache, loader)
         if value is not MISSING:
             return value  # type: ignore[no-any-return]
-        # MISSING: the lease was released, expired or invalidated; compete again.
+        # MISSING: the lease was released, expired or invalidated; compete again, after
+        # a short pause and within the deadline: an entry that can be neither used nor
+        # deleted would otherwise make this loop spin.
+        if time.monotonic() >= deadline:
+            return fills.load_uncached(cache, loader)
+        time.sleep(cache.lease_poll / 8 * random.uniform(0.5, 1.5))  # noqa: S311
 
 
 def _wait_for_holder(cache: Cache, bkey: str, deadline: float) -> Any:

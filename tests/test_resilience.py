@@ -128,3 +128,34 @@ def test_memcached_items_over_a_megabyte(memcached_server: tuple[str, int], name
         assert cache.get("k2") is MISSING and cache.stats().oversize == 2
     finally:
         backend.close()
+
+
+def test_a_probe_that_ends_without_a_verdict_does_not_wedge_the_breaker() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(failures=1, cooldown=1.0, timer=clock)
+    breaker.failed()
+    clock.advance(1.0)
+    assert breaker.allow() and breaker.state == "half-open"
+    breaker.abandoned()  # e.g. the probe was interrupted
+    assert breaker.state == "open"
+    clock.advance(1.0)
+    assert breaker.allow()  # a new probe, not a breaker stuck half-open forever
+
+
+def test_a_pending_delete_is_honoured_by_the_in_process_fast_path(namespace: str) -> None:
+    inner = MemoryBackend()
+    flaky = FlakyBackend(inner)
+    cache = Cache(flaky, namespace=namespace, breaker=None)
+    record = {1: "v1"}
+
+    @cache.cached()
+    def read(n: int) -> str:
+        return record[n]
+
+    assert read(1) == "v1"
+    flaky.down = True
+    record[1] = "v2"
+    read.invalidate(1)  # journaled
+    flaky.down = False
+    cache.journal._next_try = float("inf")  # the replay has not run yet
+    assert read(1) == "v2"
