@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import fakeredis
 import pytest
 import redis
 from pymemcache.client.base import Client, PooledClient
@@ -617,3 +618,14 @@ def test_memcached_add_falls_back_when_the_server_has_no_meta_set(
     assert backend.get(key) == b"v"
     backend.delete(key)
     client.close()
+
+
+def test_batch_compare_and_set_survives_a_script_flush() -> None:
+    """Raw EVALSHA in a pipeline (no SCRIPT EXISTS first): NOSCRIPT is answered by
+    loading the script and re-running only the calls that were refused."""
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    backend = RedisBackend(client)
+    backend.set_many({"a": b"x", "b": b"y"}, None)
+    client.script_flush()
+    assert backend.compare_and_set_many({"a": (b"x", b"X"), "b": (b"no", b"Y")}, None) == {"a"}
+    assert backend.get_many(["a", "b"]) == {"a": b"X", "b": b"y"}

@@ -251,16 +251,12 @@ class RedisBackend:
         """Run a one-key script once per ``(key, args)`` in one pipeline (one per node on
         a cluster); return the replies in order.
 
-        redis-py's ``ClusterPipeline`` refuses ``Script`` calls (its ``evalsha`` method
-        is blocked), yet routes a raw ``EVALSHA`` by its key like any command. A node
-        that has not seen the script answers NOSCRIPT without running it, so those
-        calls alone run again once ``SCRIPT LOAD`` has reached every primary.
+        Raw ``EVALSHA`` rather than redis-py's ``Script`` calls: a pipeline of those
+        first sends ``SCRIPT EXISTS``, a second round trip on every batch, and
+        ``ClusterPipeline`` refuses them outright (yet routes a raw ``EVALSHA`` by its
+        key like any command). A server that has not seen the script answers NOSCRIPT
+        without running it, so those calls alone run again after ``SCRIPT LOAD``.
         """
-        if not isinstance(self.client, RedisCluster):
-            pipe = self.client.pipeline(transaction=False)
-            for key, args in calls:
-                script(keys=[key], args=args, client=pipe)
-            return pipe.execute()
         results = self._evalsha_pipeline(script.sha, calls)
         unknown = [i for i, reply in enumerate(results) if isinstance(reply, NoScriptError)]
         if unknown:
