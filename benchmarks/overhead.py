@@ -29,7 +29,7 @@ import timeit
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +39,8 @@ import orjson
 from dogpile.cache import make_region
 
 from cachekit import Cache
-from cachekit.backends.base import Backend, KeyPolicy
+from cachekit.backends.base import Backend
+from cachekit.backends.counting import CountingBackend
 from cachekit.backends.memory import MemoryBackend
 
 REDIS = ("127.0.0.1", 6379)
@@ -152,56 +153,6 @@ def batch_section(
         Case(raw_name, raw_fn, [cache.backend_key(key) for key in keys]),
     ]
     return section
-
-
-class CountingBackend:
-    """Proxies a backend and counts each contract call by method name."""
-
-    def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.calls: Counter[str] = Counter()
-        self.stores_objects = inner.stores_objects
-        self.key_policy: KeyPolicy | None = inner.key_policy
-
-    def _call(self, name: str, *args: Any) -> Any:
-        self.calls[name] += 1
-        return getattr(self.inner, name)(*args)
-
-    def get(self, key: str) -> Any:
-        return self._call("get", key)
-
-    def get_many(self, keys: Sequence[str]) -> Any:
-        return self._call("get_many", keys)
-
-    def set(self, key: str, value: Any, ttl: float | None) -> None:
-        self._call("set", key, value, ttl)
-
-    def set_many(self, items: Mapping[str, Any], ttl: float | None) -> None:
-        self._call("set_many", items, ttl)
-
-    def delete(self, key: str) -> None:
-        self._call("delete", key)
-
-    def delete_many(self, keys: Sequence[str]) -> None:
-        self._call("delete_many", keys)
-
-    def add(self, key: str, value: Any, ttl: float | None) -> Any:
-        return self._call("add", key, value, ttl)
-
-    def compare_and_set(self, key: str, expected: Any, value: Any, ttl: float | None) -> Any:
-        return self._call("compare_and_set", key, expected, value, ttl)
-
-    def add_many(self, items: Mapping[str, Any], ttl: float | None) -> Any:
-        return self._call("add_many", items, ttl)
-
-    def compare_and_set_many(self, items: Mapping[str, tuple[Any, Any]], ttl: float | None) -> Any:
-        return self._call("compare_and_set_many", items, ttl)
-
-    def compare_and_delete(self, key: str, expected: Any) -> Any:
-        return self._call("compare_and_delete", key, expected)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def command_name(data: bytes) -> str:

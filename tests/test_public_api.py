@@ -16,6 +16,7 @@ MODULES = [
     "cachekit.backends.memory",
     "cachekit.backends.redis",
     "cachekit.backends.memcached",
+    "cachekit.backends.counting",
     "cachekit.exceptions",
     "cachekit.keys",
     "cachekit.serializers",
