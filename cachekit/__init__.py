@@ -12,6 +12,7 @@ from cachekit.exceptions import (
     ConfigurationError,
     DecodeError,
     MissingDependencyError,
+    ReentrantLoadError,
     SerializationError,
     ValueTooLarge,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "MissingDependencyError",
     "PickleSerializer",
     "ReadThroughView",
+    "ReentrantLoadError",
     "SerializationError",
     "Serializer",
     "ValueTooLarge",

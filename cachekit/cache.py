@@ -7,6 +7,7 @@ read-through, write-through, the decorator) shares one implementation of each ru
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -26,7 +27,7 @@ from cachekit.exceptions import (
 )
 from cachekit.fills import token_ttl
 from cachekit.freshness import read_without_loader, serve
-from cachekit.invalidation import TagGuard, invalidate_tags, stale_entries
+from cachekit.invalidation import TagGuard, invalidate_tags, replay_invalidations, stale_entries
 from cachekit.journal import Journal
 from cachekit.keys import make_backend_key, validate_namespace
 from cachekit.leases import load_and_fill
@@ -34,7 +35,7 @@ from cachekit.markers import MARKER_BYTE, Marker
 from cachekit.policy import FillPolicy, PolicyOptions, resolve
 from cachekit.serializers import JsonSerializer, Serializer
 from cachekit.stats import CacheStats, Counters
-from cachekit.ttl import TTL, USE_DEFAULT, UseDefault, to_seconds
+from cachekit.ttl import TTL, USE_DEFAULT, UseDefault, poll_seconds, to_seconds
 from cachekit.views import ReadThroughView, WriteThroughView
 
 __all__ = ["Cache"]
@@ -76,7 +77,8 @@ class Cache:
         lease_ttl: how long a miss's lease lives (see :mod:`cachekit.leases`): the
             longest a loader may run before another caller takes over. ``None``
             turns leases off (plain get/load/set, open to stale sets and stampedes).
-        lease_poll: the longest interval, in seconds, between a waiter's polls.
+        lease_poll: the longest interval, in seconds, between a waiter's polls (at
+            most one second: it bounds how late a waiter sees the holder's value).
         stale_ttl: opt-in stale-while-revalidate: how long past its TTL an entry is
             still served while one caller reloads it (see :mod:`cachekit.freshness`).
         early_refresh: opt-in XFetch ``beta`` (1.0 is the usual choice): refresh hot
@@ -125,7 +127,12 @@ class Cache:
             if max_value_size is USE_DEFAULT
             else max_value_size
         )
-        self.journal = Journal()
+        self.journal = Journal(
+            functools.partial(replay_invalidations, self, self.store),
+            # The background replay goes straight to the server: it is the breaker's
+            # probe, so no cool-down delays it (see cachekit.journal).
+            functools.partial(replay_invalidations, self, backend, breaker=breaker),
+        )
         # Leases whose writes failed in flight, {bkey: marker}; see leases.py.
         self.lost_leases: dict[str, Any] = {}
         self.namespace = validate_namespace(namespace)
@@ -141,9 +148,7 @@ class Cache:
             stale_ttl=stale_ttl,
             early_refresh=early_refresh,
         )
-        if not (isinstance(lease_poll, int | float) and lease_poll > 0):
-            raise ConfigurationError(f"lease_poll must be positive seconds, got {lease_poll!r}")
-        self.lease_poll = float(lease_poll)
+        self.lease_poll = poll_seconds(lease_poll)
         self._prefix = self.namespace + ":"
         self._policy = backend.key_policy
         self._objects = backend.stores_objects
@@ -267,7 +272,7 @@ class Cache:
 
     def _journaled(self, bkey: str) -> bool:
         """Whether ``bkey`` has an invalidation still to replay (after trying to)."""
-        return not self.journal.settle(self) and bkey in self.journal.keys
+        return not self.journal.settle() and bkey in self.journal.keys
 
     def _drop_invalidated(self, entries: Mapping[str, Entry]) -> set[str]:
         """Delete tagged entries whose tags were invalidated; return their keys."""
@@ -325,6 +330,12 @@ class Cache:
     ) -> None:
         """Store ``value`` under ``key``.
 
+        Fails open, like :meth:`delete`: if the backend fails, the replacement is
+        journaled as a delete of the old entry (:mod:`cachekit.journal`), so this cache
+        reads the key as a miss at once and no process reads the old value once the
+        server answers. A ``None`` value with negative caching off (``none_ttl=0``)
+        stores nothing and removes the old entry.
+
         Args:
             ttl: seconds or a timedelta; ``None`` for no expiry; omitted, the cache's
                 default (``none_ttl`` for a ``None`` value).
@@ -332,35 +343,45 @@ class Cache:
                 them removes it (see :mod:`cachekit.invalidation`).
 
         Raises:
-            SerializationError: the serializer cannot encode ``value`` (a TypeError).
-            BackendError: the backend failed.
+            SerializationError: the serializer cannot encode ``value`` (a TypeError);
+                the old entry is removed.
+            BackendError: only when :meth:`delete` would: the journal is full.
         """
         bkey = self.backend_key(key)
         seconds = self._resolve_ttl(ttl, value)
+        if self.journal:
+            self.journal.settle()
         if seconds == 0:  # a None value with negative caching disabled
+            self.delete(key)  # nothing to store, and the old value must not stay
             return
-        if tags is None:
-            try:
-                data = self._encode(bkey, value)
-            except UNSTORABLE:
-                self.delete(key)  # the caller meant to replace it: never leave the old one
-                raise
-            self.store.set(bkey, data, seconds)
-            return
-        tags = list(tags)
-        guard = TagGuard(self)
-        tokens = guard.tokens(tags, token_ttl(self), check_epoch=False)
-        if tokens is None:  # created concurrently by another caller: now they exist
-            tokens = guard.tokens(tags, token_ttl(self), check_epoch=False)
-        if tokens is None:
-            self.delete(key)
-            raise BackendError(f"could not read the tag tokens of {key!r}; not stored")
         try:
-            packed = pack(self, bkey, Loaded(value, 0.0, tokens), seconds, None)
+            packed = self._pack_set(bkey, value, seconds, tags)
+            self.store.set(bkey, *packed)
         except UNSTORABLE:
-            self.delete(key)  # as above: never leave the old entry behind a failed set
+            self.delete(key)  # the caller meant to replace it: never leave the old one
             raise
-        self.store.set(bkey, *packed)
+        except CacheError as exc:
+            self._defer(exc, keys=[bkey])
+
+    def _pack_set(
+        self, bkey: str, value: Any, seconds: float | None, tags: Iterable[str] | None
+    ) -> tuple[Any, float | None]:
+        """What :meth:`set` stores: the encoded value, annotated with its tag tokens.
+
+        Raises:
+            SerializationError, ValueTooLarge: the value cannot be stored.
+            BackendError: the tag tokens could not be read.
+        """
+        if tags is None:
+            return self._encode(bkey, value), seconds
+        tags = list(tags)
+        guard = TagGuard(self, check_epoch=False)
+        tokens = guard.tokens(tags, token_ttl(self))
+        if tokens is None:  # created concurrently by another caller: now they exist
+            tokens = guard.tokens(tags, token_ttl(self))
+        if tokens is None:
+            raise BackendError(f"could not read the tag tokens of {bkey!r}; not stored")
+        return pack(self, bkey, Loaded(value, 0.0, tokens), seconds, None)
 
     def invalidate_tags(self, tags: Iterable[str]) -> None:
         """Remove every entry tagged with any of ``tags``, in two round trips.
@@ -372,6 +393,8 @@ class Cache:
             BackendError: the journal is full, so the invalidation is lost.
         """
         tags = list(tags)
+        if self.journal:
+            self.journal.settle()
         try:
             invalidate_tags(self, tags)
         except CacheError as exc:
@@ -379,14 +402,22 @@ class Cache:
 
     def set_many(self, mapping: Mapping[str, Any], ttl: TTL | UseDefault = USE_DEFAULT) -> None:
         """Store every item, in one backend round trip per distinct TTL (``None`` values
-        take ``none_ttl``, as in :meth:`set`)."""
+        take ``none_ttl``, as in :meth:`set`); fails open as :meth:`set` does."""
         try:
             groups = self._by_ttl(mapping, ttl)
         except UNSTORABLE:
             self.delete_many(mapping)  # as in set: a failed replacement leaves nothing old
             raise
+        if self.journal:
+            self.journal.settle()
+        dropped = groups.pop(0.0, None)  # None values with negative caching off
+        if dropped:
+            self._delete_bkeys(list(dropped))
         for seconds, items in groups.items():
-            self.store.set_many(items, seconds)
+            try:
+                self.store.set_many(items, seconds)
+            except CacheError as exc:
+                self._defer(exc, keys=items)
 
     def _by_ttl(
         self, mapping: Mapping[str, Any], ttl: TTL | UseDefault
@@ -395,9 +426,11 @@ class Cache:
         groups: dict[float | None, dict[str, Any]] = {}
         for key, value in mapping.items():
             seconds = self._resolve_ttl(ttl, value)
-            if seconds != 0:
-                bkey = self.backend_key(key)
-                groups.setdefault(seconds, {})[bkey] = self._encode(bkey, value)
+            bkey = self.backend_key(key)
+            # TTL 0 (a None with negative caching off) is kept apart, not encoded.
+            groups.setdefault(seconds, {})[bkey] = (
+                None if seconds == 0 else self._encode(bkey, value)
+            )
         return groups
 
     def delete(self, key: str) -> None:
@@ -414,9 +447,13 @@ class Cache:
 
     def delete_many(self, keys: Iterable[str]) -> None:
         """Remove every key, in one backend round trip; failures are journaled."""
-        bkeys = [self.backend_key(key) for key in keys]
+        self._delete_bkeys([self.backend_key(key) for key in keys])
+
+    def _delete_bkeys(self, bkeys: list[str]) -> None:
         if not bkeys:
             return
+        if self.journal:
+            self.journal.settle()
         try:
             self.store.delete_many(bkeys) if len(bkeys) > 1 else self.store.delete(bkeys[0])
         except CacheError as exc:

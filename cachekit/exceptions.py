@@ -8,6 +8,7 @@
      ├── SerializationError (TypeError)       a value the serializer cannot encode
      ├── DecodeError (ValueError)             a stored entry that fails to verify or decode
      ├── ValueTooLarge (ValueError)           an encoded value over the backend's size limit
+     ├── ReentrantLoadError (RuntimeError)    a loader asked for the key it is loading
      └── BackendError                         the cache server failed; wraps the driver error
           ├── BackendTimeout (TimeoutError)   ... by not answering within its budget
           └── BackendUnavailable              ... repeatedly: the circuit breaker is open
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigurationError",
     "DecodeError",
     "MissingDependencyError",
+    "ReentrantLoadError",
     "SerializationError",
     "ValueTooLarge",
 ]
@@ -65,6 +67,10 @@ class BackendUnavailable(BackendError):
 
 class ValueTooLarge(CacheError, ValueError):
     """An encoded value exceeds the backend's item size limit; it was not stored."""
+
+
+class ReentrantLoadError(CacheError, RuntimeError):
+    """A loader asked for the very key it is loading: it would wait on its own lease."""
 
 
 #: What a fill catches when a loaded value cannot be stored: the call still succeeds.

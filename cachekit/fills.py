@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from cachekit.entries import Loaded, pack
 from cachekit.exceptions import UNSTORABLE, CacheError
-from cachekit.invalidation import TagGuard
+from cachekit.invalidation import UNBOUNDED_TOKEN_TTL, TagGuard
 from cachekit.policy import FillPolicy
 
 if TYPE_CHECKING:
@@ -58,9 +58,11 @@ def _tokens(cache: Cache, guard: TagGuard | None, tags: Iterable[str]) -> dict[s
     return tokens
 
 
-def token_ttl(cache: Cache) -> float | None:
-    """How long a tag token lives: as long as the entries that record it, at least."""
-    return None if cache.ttl is None else max(cache.ttl, cache.none_ttl or 0.0)
+def token_ttl(cache: Cache) -> float:
+    """The TTL tag tokens are based on (they live twice as long): the entries' TTL, or
+    a day for entries without one, so that tokens always expire."""
+    base = UNBOUNDED_TOKEN_TTL if cache.ttl is None else cache.ttl
+    return max(base, cache.none_ttl or 0.0)
 
 
 def pack_fill(

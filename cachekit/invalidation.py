@@ -15,6 +15,28 @@ starts; instead every invalidation also replaces the namespace's *epoch*, which 
 tagged fill reads before it loads and again, with the tokens, before it stores. If the
 epoch moved, some tag was invalidated during the load and the fill is not stored. This
 is conservative (an unrelated invalidation costs a reload, never a stale entry).
+
+Why losing a coordination key never stores a stale value. Any of them may vanish at
+any moment: evicted under memory pressure, flushed when a pool node rejoins, or lost
+in a server restart.
+
+- The epoch: a fill never starts from "no epoch". If none exists, the fill creates
+  one (``add`` of a random value) before it loads, so what it compares at fill time is
+  a value no other writer can produce again. An invalidation during the load replaces
+  it; if that replacement is then lost as well, the fill finds either no epoch or a new
+  random one, and both differ from what it saw: rejected. (Comparing "absent" with
+  "absent" was the hole: a fresh or idle namespace, an invalidation, the epoch lost,
+  and the old value was stored.)
+- A tag token: an entry stores the tokens it was filled under, and a read compares
+  them with the current ones. A lost token reads as absent or, once a later fill
+  creates it again, as a new random value: every entry that recorded the old one
+  becomes a miss.
+- A lease marker: the fill is a compare-and-set against the marker, so a lost marker
+  rejects the fill (another caller may load meanwhile: a second loader call).
+
+Every coordination key expires (tokens within twice the cache's TTL, or a day with
+``ttl=None``; the epoch a day after its last change), so idle namespaces leave nothing
+behind; an expiry is a loss like any other and costs only reloads.
 """
 
 from __future__ import annotations
@@ -25,16 +47,27 @@ from typing import TYPE_CHECKING, Any
 
 from cachekit.backends.base import MISSING
 from cachekit.entries import Entry
-from cachekit.exceptions import CacheError
+from cachekit.exceptions import BackendError, CacheError
 from cachekit.keys import make_backend_key
 
 if TYPE_CHECKING:
+    from cachekit.backends.base import Backend
+    from cachekit.breaker import CircuitBreaker
     from cachekit.cache import Cache
 
-__all__ = ["TagGuard", "invalidate_tags", "stale_entries"]
+__all__ = [
+    "UNBOUNDED_TOKEN_TTL",
+    "TagGuard",
+    "invalidate_tags",
+    "replay_invalidations",
+    "stale_entries",
+]
 
 _EPOCH = "epoch"
 _EPOCH_TTL = 24 * 3600.0
+#: How long tag tokens live when entries have no TTL (``ttl=None``): tokens always
+#: expire, and one that goes before its entries only turns them into misses.
+UNBOUNDED_TOKEN_TTL = 24 * 3600.0
 
 
 def _token() -> str:
@@ -60,8 +93,10 @@ def _encode(cache: Cache, token: str) -> Any:
     return token if cache.store.stores_objects else token.encode("ascii")
 
 
-def invalidate_tags(cache: Cache, tags: Iterable[str]) -> None:
+def invalidate_tags(cache: Cache, tags: Iterable[str], store: Backend | None = None) -> None:
     """Move the epoch, then drop the tags' tokens: two round trips for any number.
+
+    ``store`` is the cache's own (behind its breaker) unless given.
 
     Raises:
         BackendError: the invalidation may not have happened; entries may be stale.
@@ -69,32 +104,58 @@ def invalidate_tags(cache: Cache, tags: Iterable[str]) -> None:
     keys = [_tag_key(cache, tag) for tag in dict.fromkeys(tags)]
     if not keys:
         return
+    store = cache.store if store is None else store
     # The epoch expires so that idle namespaces leave nothing behind; a missing epoch
     # only makes fills that straddle its expiry be rejected, never stored stale.
-    cache.store.set(_key(cache, _EPOCH), _encode(cache, _token()), _EPOCH_TTL)
-    cache.store.delete_many(keys)
+    store.set(_key(cache, _EPOCH), _encode(cache, _token()), _EPOCH_TTL)
+    store.delete_many(keys)
+
+
+def replay_invalidations(
+    cache: Cache,
+    store: Backend,
+    keys: list[str],
+    tags: list[str],
+    *,
+    breaker: CircuitBreaker | None = None,
+) -> None:
+    """Replay journaled invalidations on ``store``; a success closes ``breaker``.
+
+    Raises:
+        BackendError: the server failed; they stay journaled.
+    """
+    if keys:
+        store.delete_many(keys)
+    if tags:
+        invalidate_tags(cache, tags, store)
+    if breaker is not None:
+        breaker.succeeded()  # the server answered: this was the breaker's probe
 
 
 class TagGuard:
-    """The epoch seen before a tagged load; at fill time, the tokens to store with it."""
+    """The epoch seen before a tagged load; at fill time, the tokens to store with it.
 
-    def __init__(self, cache: Cache) -> None:
+    Raises:
+        BackendError: the epoch could not be read or created; the fill must not be stored.
+    """
+
+    def __init__(self, cache: Cache, *, check_epoch: bool = True) -> None:
         self._cache = cache
-        self._epoch = _decode(cache.store.get(_key(cache, _EPOCH)))
+        # A direct set is the newest value by definition: it needs no epoch.
+        self._epoch = _current_epoch(cache) if check_epoch else None
 
-    def tokens(
-        self, tags: Iterable[str], ttl: float | None, *, check_epoch: bool = True
-    ) -> dict[str, str] | None:
+    def tokens(self, tags: Iterable[str], ttl: float) -> dict[str, str] | None:
         """Each tag's current token, creating missing ones; ``None`` if the epoch moved.
 
         Raises:
             BackendError: the tokens could not be read; the fill must not be stored.
         """
         cache = self._cache
+        check_epoch = self._epoch is not None
         wanted = {_tag_key(cache, tag): tag for tag in dict.fromkeys(tags)}
         epoch_key = _key(cache, _EPOCH)
-        found = cache.store.get_many([epoch_key, *wanted])
-        if _decode(found.pop(epoch_key, MISSING)) != self._epoch and check_epoch:
+        found = cache.store.get_many([epoch_key, *wanted] if check_epoch else list(wanted))
+        if check_epoch and _decode(found.pop(epoch_key, MISSING)) != self._epoch:
             return None
         tokens = {wanted[key]: _decode(raw) or "" for key, raw in found.items()}
         missing = {key: _token() for key in wanted if key not in found}
@@ -103,7 +164,7 @@ class TagGuard:
             # entries become misses, never stale hits.
             added = cache.store.add_many(
                 {key: _encode(cache, token) for key, token in missing.items()},
-                None if ttl is None else 2 * ttl,
+                2 * ttl,
             )
             if len(added) < len(missing):
                 return None  # created concurrently: don't guess which token is current
@@ -113,6 +174,23 @@ class TagGuard:
             if check_epoch and _decode(cache.store.get(epoch_key)) != self._epoch:
                 return None
         return tokens
+
+
+def _current_epoch(cache: Cache) -> str:
+    """The namespace's epoch, created first if there is none (see the module docstring:
+    a fill that saw "no epoch" could not tell a lost invalidation from none at all)."""
+    key = _key(cache, _EPOCH)
+    epoch = _decode(cache.store.get(key))
+    if epoch is not None:
+        return epoch
+    token = _token()
+    if cache.store.add(key, _encode(cache, token), _EPOCH_TTL):
+        return token
+    # Created concurrently, by a fill or an invalidation: that one is current.
+    epoch = _decode(cache.store.get(key))
+    if epoch is None:  # lost again at once; a later fill will try again
+        raise BackendError("the tag epoch could not be created; the fill is not stored")
+    return epoch
 
 
 def stale_entries(cache: Cache, entries: Mapping[str, Entry]) -> set[str]:

@@ -1,42 +1,66 @@
 """Invalidations that could not reach the server: kept, honoured locally, and replayed.
 
-A delete that fails after the database committed would leave the old entry readable
-as soon as the server answers again (after a hang, or a node rejoining a pool). So a
-failed invalidation is recorded here instead of being dropped. Until it is replayed,
-the cache that recorded it treats those keys, and entries carrying those tags, as
-misses that are not filled; before each read it retries the replay (at most once per
-``retry`` seconds), so the first read after the server returns deletes the old
-entries before anything is read.
+A delete, a tag invalidation or a replacing ``set`` that fails after the database
+committed would leave the old entry readable as soon as the server answers again
+(after a hang, or a node rejoining a pool). So a failed invalidation is recorded here
+instead of being dropped. Until it is replayed, the cache that recorded it treats those
+keys, and entries carrying those tags, as misses that are not filled.
 
-Limits: the journal lives in the process that failed to invalidate. Another process
-reading the same server between its recovery and this process's replay can still see
-the old entry, for at most one ``retry`` interval of this process's activity; a
-process that exits with a non-empty journal loses it (logged). Past ``limit`` keys
-the journal refuses more, and the failed invalidation raises, since it can no longer
-be kept.
+Replays happen on two schedules, each at most once per ``retry`` seconds:
+
+- before reads and writes of the cache, through its circuit breaker (so a caller never
+  pays a timeout while the breaker is open);
+- on a background thread of the journal's own, while it is not empty, straight to the
+  server: it is the probe, whatever the breaker's cool-down, and its success closes the
+  breaker. A process that only writes, or that is idle, still replays.
+
+The bound that holds: once the server answers again, another process reading it can
+see an old entry for at most ``retry`` (0.2 s) plus one server timeout, as long as the
+process that journaled the invalidation is alive. A process that exits with a
+non-empty journal tries one last replay and, if that fails, logs a WARNING with the
+number lost. Past ``limit`` keys the journal refuses more, and the failed invalidation
+raises, since it can no longer be kept.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 from cachekit.exceptions import BackendError, CacheError
-from cachekit.invalidation import invalidate_tags
 
-if TYPE_CHECKING:
-    from cachekit.cache import Cache
+__all__ = ["Journal", "Replay"]
 
-__all__ = ["Journal"]
+logger = logging.getLogger("cachekit")
+
+#: Performs a replay: deletes backend keys, then invalidates tags; raises CacheError.
+Replay = Callable[[list[str], list[str]], None]
+
+_JOURNALS: weakref.WeakSet[Journal] = weakref.WeakSet()
 
 
 class Journal:
-    """Pending invalidations of one cache: backend keys to delete and tags to drop."""
+    """Pending invalidations of one cache: backend keys to delete and tags to drop.
+
+    Args:
+        replay: how callers replay (through the circuit breaker).
+        direct: how the background thread and the exit hook replay (straight to the
+            server); ``None`` for no background replay.
+        limit: the most keys and tags kept.
+        retry: the least time between two replays.
+        timer: a monotonic clock.
+    """
 
     def __init__(
         self,
+        replay: Replay,
+        direct: Replay | None = None,
         *,
         limit: int = 100_000,
         retry: float = 0.2,
@@ -47,10 +71,20 @@ class Journal:
         self.timer = timer
         self.keys: set[str] = set()
         self.tags: set[str] = set()
+        self._replay = replay
+        self._direct = direct
         self._next_try = 0.0
         self._again_keys: set[str] = set()
         self._again_tags: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._after_fork()
+        _JOURNALS.add(self)
+
+    def _after_fork(self) -> None:
+        # In a forked child another thread may have held these; start them afresh.
         self._lock = threading.Lock()
+        self._replaying = threading.Lock()
+        self._thread = None
 
     def __bool__(self) -> bool:
         return bool(self.keys or self.tags)
@@ -77,26 +111,78 @@ class Journal:
             # this failure's write, so it must not clear them.
             self._again_keys |= keys
             self._again_tags |= tags
+            if self._direct is not None and (self._thread is None or not self._thread.is_alive()):
+                self._thread = threading.Thread(
+                    target=self._run, name="cachekit-journal", daemon=True
+                )
+                self._thread.start()
 
-    def settle(self, cache: Cache) -> bool:
+    def settle(self, direct: bool = False) -> bool:
         """Replay pending invalidations if it is time to retry; return whether the
         journal is now empty. Never raises: a failed replay waits for the next try."""
+        if not self:
+            return True
         now = self.timer()
-        if now < self._next_try:
+        if now < self._next_try or not self._replaying.acquire(blocking=False):
             return False
-        self._next_try = now + self.retry
+        try:
+            self._next_try = now + self.retry
+            return self._replay_once(self._direct if direct and self._direct else self._replay)
+        finally:
+            self._replaying.release()
+
+    def _replay_once(self, replay: Replay) -> bool:
         with self._lock:
             keys, tags = set(self.keys), set(self.tags)
             self._again_keys.clear()
             self._again_tags.clear()
         try:
-            if keys:
-                cache.store.delete_many(list(keys))
-            if tags:
-                invalidate_tags(cache, tags)
+            replay(sorted(keys), sorted(tags))
         except CacheError:
             return False
         with self._lock:
             self.keys -= keys - self._again_keys
             self.tags -= tags - self._again_tags
             return not self
+
+    def _run(self) -> None:
+        """The background replayer: one try per ``retry`` until the journal is empty."""
+        while True:
+            time.sleep(self.retry)
+            with self._lock:
+                if not self:
+                    self._thread = None
+                    return
+            self.settle(direct=True)
+
+    def at_exit(self) -> None:
+        """One last replay, then a WARNING with what is lost if the journal is not empty."""
+        if not self:
+            return
+        self._next_try = 0.0
+        # At exit, a backend that is already torn down only means "lost", logged below.
+        with contextlib.suppress(Exception):
+            self.settle(direct=True)
+        if self:
+            logger.warning(
+                "cachekit: exiting with %d invalidations not replayed (%d keys, %d tags); "
+                "other processes may read the old entries until they expire",
+                len(self),
+                len(self.keys),
+                len(self.tags),
+            )
+
+
+def _settle_all_at_exit() -> None:
+    for journal in list(_JOURNALS):
+        journal.at_exit()
+
+
+def _reset_in_child() -> None:
+    for journal in list(_JOURNALS):
+        journal._after_fork()
+
+
+atexit.register(_settle_all_at_exit)
+if hasattr(os, "register_at_fork"):  # pragma: no branch - every POSIX Python has it
+    os.register_at_fork(after_in_child=_reset_in_child)

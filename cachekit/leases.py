@@ -24,17 +24,19 @@ loader call; neither can store stale data. Waiters give up after ``lease_ttl`` p
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import functools
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cachekit import fills
 from cachekit.backends.base import MISSING
 from cachekit.entries import Entry, Loaded
-from cachekit.exceptions import UNSTORABLE, BackendTimeout, CacheError
+from cachekit.exceptions import UNSTORABLE, BackendTimeout, CacheError, ReentrantLoadError
 from cachekit.markers import is_marker, new_lease
 from cachekit.policy import FillPolicy
 
@@ -52,6 +54,40 @@ V = TypeVar("V")
 _GRACE = 1.5
 # Lost leases remembered per cache, at most (past it, they expire on their own).
 _LOST_LIMIT = 10_000
+
+
+# The leases this context holds while its loader runs, as (backend id, backend key): a
+# loader that asks for its own key would otherwise wait out its own lease.
+_HOLDING: contextvars.ContextVar[frozenset[tuple[int, str]]] = contextvars.ContextVar(
+    "cachekit_holding", default=frozenset()
+)
+
+
+@contextlib.contextmanager
+def _holding(cache: Cache, bkeys: Iterable[str]) -> Iterator[None]:
+    ident = id(cache.backend)
+    token = _HOLDING.set(_HOLDING.get() | {(ident, bkey) for bkey in bkeys})
+    try:
+        yield
+    finally:
+        _HOLDING.reset(token)
+
+
+def _refuse_reentry(cache: Cache, bkeys: Iterable[str]) -> None:
+    """Fail fast when a loader asks for a key whose lease its own call holds.
+
+    Raises:
+        ReentrantLoadError: the loader of ``bkey`` needs ``bkey`` itself.
+    """
+    holding = _HOLDING.get()
+    if holding:
+        ident = id(cache.backend)
+        for bkey in bkeys:
+            if (ident, bkey) in holding:
+                raise ReentrantLoadError(
+                    f"the loader of {bkey!r} asked for {bkey!r} itself; it would wait "
+                    "for its own lease. Break the recursion, or load that value uncached."
+                )
 
 
 class _GiveUp(enum.Enum):
@@ -86,6 +122,7 @@ def load_under_lease(
     """The miss path: take the lease and load, or wait for the holder's value."""
     lease_ttl = policy.lease_ttl
     assert lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
+    _refuse_reentry(cache, (bkey,))
     deadline = None
     if cache.lost_leases and not _reclaim(cache, bkey):
         return fills.load_uncached(cache, loader)
@@ -135,7 +172,9 @@ def _wait_for_holder(cache: Cache, bkey: str, deadline: float) -> Any:
         if time.monotonic() >= deadline:
             return _GiveUp.GIVE_UP
         # Full jitter keeps waiters from polling in lockstep.
-        time.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - not cryptographic
+        # Never past the deadline: a waiter then gives up and loads on its own.
+        pause = delay * random.uniform(0.5, 1.5)  # noqa: S311 - not cryptographic
+        time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
         delay = min(delay * 2, cache.lease_poll)
 
 
@@ -148,7 +187,8 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
     tags_of: TagsOf,
 ) -> V:
     try:
-        loaded = fills.timed_load(cache, loader, tags_of)
+        with _holding(cache, (bkey,)):
+            loaded = fills.timed_load(cache, loader, tags_of)
     except BaseException:
         _release(cache, bkey, marker)  # let a waiter take over now, not at lease expiry
         raise
@@ -189,6 +229,7 @@ def load_many_under_lease(
     keys leased, one ``compare_and_set_many`` per TTL to fill them. Keys leased by
     someone else are waited for one by one. Returns ``{bkey: value or None}``."""
     assert policy.lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
+    _refuse_reentry(cache, wanted)
     for bkey in [bkey for bkey in wanted if bkey in cache.lost_leases]:
         _reclaim(cache, bkey)  # if it fails, so will its add: it is loaded on its own
     markers = {bkey: new_lease(cache.store.stores_objects) for bkey in wanted}
@@ -202,9 +243,10 @@ def load_many_under_lease(
     if mine:
         batch_tags = None if tags_of is None else functools.partial(_batch_tags, tags_of, mine)
         try:
-            batch = fills.timed_load(
-                cache, functools.partial(load_many, list(mine.values())), batch_tags
-            )
+            with _holding(cache, mine):
+                batch = fills.timed_load(
+                    cache, functools.partial(load_many, list(mine.values())), batch_tags
+                )
         except BaseException:
             for bkey in mine:
                 _release(cache, bkey, markers[bkey])
