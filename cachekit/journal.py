@@ -117,13 +117,14 @@ class Journal:
                 )
                 self._thread.start()
 
-    def settle(self, direct: bool = False) -> bool:
-        """Replay pending invalidations if it is time to retry; return whether the
-        journal is now empty. Never raises: a failed replay waits for the next try."""
+    def settle(self, *, direct: bool = False, force: bool = False) -> bool:
+        """Replay pending invalidations if it is time to retry (or ``force``); return
+        whether the journal is now empty. Never raises: a failed replay waits for the
+        next try. ``direct`` goes straight to the server, past the breaker."""
         if not self:
             return True
         now = self.timer()
-        if now < self._next_try or not self._replaying.acquire(blocking=False):
+        if (now < self._next_try and not force) or not self._replaying.acquire(blocking=False):
             return False
         try:
             self._next_try = now + self.retry
@@ -159,10 +160,9 @@ class Journal:
         """One last replay, then a WARNING with what is lost if the journal is not empty."""
         if not self:
             return
-        self._next_try = 0.0
         # At exit, a backend that is already torn down only means "lost", logged below.
         with contextlib.suppress(Exception):
-            self.settle(direct=True)
+            self.settle(direct=True, force=True)
         if self:
             logger.warning(
                 "cachekit: exiting with %d invalidations not replayed (%d keys, %d tags); "
