@@ -147,14 +147,17 @@ class Journal:
             return not self
 
     def _run(self) -> None:
-        """The background replayer: one try per ``retry`` until the journal is empty."""
+        """The background replayer: a try whenever one is due, until the journal is empty."""
         while True:
-            time.sleep(self.retry)
             with self._lock:
                 if not self:
                     self._thread = None
                     return
-            self.settle(direct=True)
+            wait = self._next_try - self.timer()
+            if wait > 0:
+                time.sleep(min(wait, self.retry))
+            elif not self.settle(direct=True) and self._next_try <= self.timer():
+                time.sleep(self.retry)  # a caller's replay was in flight: don't spin
 
     def at_exit(self) -> None:
         """One last replay, then a WARNING with what is lost if the journal is not empty."""
