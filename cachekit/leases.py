@@ -211,6 +211,9 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
     except CacheError as exc:
         _lost(cache, {bkey: marker}, exc)
         return value
+    except BaseException:
+        _remember(cache, {bkey: marker})  # interrupted mid-fill: the next miss reclaims it
+        raise
     if not stored:
         cache._counters.fills_rejected += 1
     return value
@@ -302,6 +305,9 @@ def _fill_many(cache: Cache, leased: Mapping[str, tuple[Any, Loaded]], policy: F
         except CacheError as exc:
             _lost(cache, {bkey: marker for bkey, (marker, _) in items.items()}, exc)
             continue
+        except BaseException:
+            _remember(cache, {bkey: marker for bkey, (marker, _) in items.items()})
+            raise
         cache._counters.fills_rejected += len(items) - len(stored)
 
 
@@ -318,6 +324,10 @@ def _lost(cache: Cache, markers: Mapping[str, Any], exc: CacheError) -> None:
     fill or release never arrived. Waiters would sit such a marker out for
     ``lease_ttl``; remembered here, it is deleted by the next miss on its key."""
     cache._write_failed(exc)
+    _remember(cache, markers)
+
+
+def _remember(cache: Cache, markers: Mapping[str, Any]) -> None:
     if len(cache.lost_leases) + len(markers) <= _LOST_LIMIT:
         cache.lost_leases.update(markers)
 

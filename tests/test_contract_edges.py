@@ -18,6 +18,7 @@ from cachekit import (
     ReentrantLoadError,
 )
 from cachekit.backends.base import Backend
+from cachekit.backends.counting import CountingBackend
 from cachekit.backends.memory import MemoryBackend
 from cachekit.markers import is_marker
 from tests.support import FlakyBackend
@@ -168,3 +169,21 @@ def test_storing_none_with_negative_caching_off_removes_the_old_value(
         cache.set("k", None)
     assert cache.get("k") is MISSING
     assert cache.get_or_load("k", lambda: "new") == "new"
+
+
+def test_a_fill_interrupted_mid_call_leaves_no_lease_to_wait_out(namespace: str) -> None:
+    class Interrupting(CountingBackend):
+        interrupt = True
+
+        def compare_and_set(self, key: str, expected: Any, value: Any, ttl: Any) -> bool:
+            if self.interrupt:
+                self.interrupt = False
+                raise KeyboardInterrupt
+            return super().compare_and_set(key, expected, value, ttl)
+
+    cache = Cache(Interrupting(MemoryBackend()), namespace=namespace, lease_ttl=60)
+    with pytest.raises(KeyboardInterrupt):
+        cache.get_or_load("k", lambda: 1)
+    assert cache.get_or_load("k", lambda: 2) == 2
+    assert cache.stats().lease_waits == 0  # its marker was reclaimed, not waited out
+    assert cache.get("k") == 2
