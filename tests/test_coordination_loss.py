@@ -5,16 +5,21 @@ eviction, a flush on a pool node's rejoin or a server restart would."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
+from pymemcache.client.base import Client
 
 from cachekit import MISSING, Cache
 from cachekit.backends.base import Backend
+from cachekit.backends.memcached import MemcachedBackend
 from cachekit.backends.memory import MemoryBackend
 from cachekit.backends.redis import RedisBackend
 from cachekit.keys import make_backend_key
 from cachekit.markers import is_marker
+from tests.conftest import require
+from tests.servers import Servers, binary, memcached_command
 from tests.support import FakeClock
 
 
@@ -120,3 +125,39 @@ def test_tag_tokens_on_redis_carry_a_ttl(redis_server: str, namespace: str) -> N
         if keys_left:
             client.delete(*keys_left)
         backend.close()
+
+
+@pytest.mark.memcached
+def test_a_real_memcached_eviction_of_the_epoch_never_stores_a_stale_fill(
+    tmp_path: Path, namespace: str
+) -> None:
+    """Not rigged: the epoch is evicted by memory pressure in a small memcached, the way a
+    busy one evicts it, while the fill's lease marker (read meanwhile) survives."""
+    require("the memcached binary", binary("memcached") is not None)
+    with Servers(tmp_path) as servers:
+        server = servers.start("memcached", memcached_command(memory_mb=2))
+        backend = MemcachedBackend(server.address, timeout=2.0, connect_timeout=2.0)
+        flood = Client((server.host, server.port), timeout=2.0, connect_timeout=2.0)
+        try:
+            cache = Cache(backend, namespace=namespace, ttl=300)
+            other = Cache(backend, namespace=namespace, ttl=300)
+            lease_key, epoch_key = cache.backend_key("row:1"), _epoch_key(cache)
+
+            def load() -> dict[str, int]:
+                other.invalidate_tags(["row:1"])  # another process, after our read
+                filler = b"x" * len(backend.get(epoch_key))
+                for batch in range(200):  # fill the epoch's slab class until it goes
+                    flood.set_many({f"f{batch}:{i}": filler for i in range(2000)}, noreply=True)
+                    assert is_marker(backend.get(lease_key))  # read: it stays warm
+                    # Meta get with "u": look without bumping it in the LRU.
+                    if flood.raw_command(f"mg {epoch_key} u", b"\r\n").startswith(b"EN"):
+                        break
+                else:
+                    pytest.fail("the flood never evicted the epoch")
+                return {"version": 1}
+
+            assert cache.get_or_load("row:1", load, tags=["row:1"]) == {"version": 1}
+            assert cache.get("row:1") is MISSING
+        finally:
+            flood.close()
+            backend.close()
