@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ParamSpec, TypeVar, Unpack
 
+from cachekit import codec
 from cachekit.backends.base import MISSING, Backend
+from cachekit.backends.memory import MemoryBackend
 from cachekit.breaker import BreakerBackend, CircuitBreaker
 from cachekit.decorators import CachedFunction, KeySpec, TagSpec, cached
 from cachekit.entries import ENTRY_BYTE, Entry, Loaded, pack, unpack
@@ -22,6 +24,7 @@ from cachekit.exceptions import (
     CacheError,
     ConfigurationError,
     DecodeError,
+    SerializationError,
     ValueTooLarge,
 )
 from cachekit.fills import token_ttl
@@ -72,7 +75,8 @@ class Cache:
         none_ttl: time to live of a loader's ``None`` result (negative caching); ``0``
             disables it; by default the smaller of ``ttl`` and 30 seconds.
         serializer: encodes values for network backends; ``JsonSerializer()`` by
-            default. Ignored by backends that store objects (memory).
+            default. Ignored by backends that store objects (memory, unless
+            ``MemoryBackend(serialize=True)``).
         lease_ttl: how long a miss's lease lives (see :mod:`cachekit.leases`): the
             longest a loader may run before another caller takes over. ``None``
             turns leases off (plain get/load/set, open to stale sets and stampedes).
@@ -112,9 +116,14 @@ class Cache:
                 f"{backend!r} does not implement the cachekit Backend contract"
             )
         if breaker is USE_DEFAULT:
-            # A pool with a breaker per server must not have one server's outage open
-            # a breaker over all of them.
-            isolated = backend.stores_objects or getattr(backend, "per_node_breakers", False)
+            # In-process storage never fails (even serialize=True, which stores bytes); a
+            # pool with a breaker per server must not have one server's outage open a
+            # breaker over all of them.
+            isolated = (
+                backend.stores_objects
+                or isinstance(backend, MemoryBackend)
+                or getattr(backend, "per_node_breakers", False)
+            )
             breaker = None if isolated else CircuitBreaker()
         self.breaker = breaker
         self.backend = backend
@@ -254,8 +263,8 @@ class Cache:
             if head == MARKER_BYTE:
                 return MISSING
             if head == ENTRY_BYTE:
-                return unpack(self, bkey, raw)
-            return self.serializer.loads(raw, bkey)
+                return unpack(self.serializer, bkey, raw)
+            return codec.decode(self.serializer, bkey, raw)
         except DecodeError as exc:
             self._counters.decode_errors += 1
             self._log(f"dropping undecodable entry {bkey!r}: {exc}")
@@ -297,18 +306,19 @@ class Cache:
         """Serialize for a byte backend, enforcing its item size limit.
 
         Raises:
-            SerializationError: the serializer cannot encode ``value``.
+            SerializationError: the serializer cannot encode ``value`` (counted).
             ValueTooLarge: the encoded value is over ``max_value_size`` (counted).
         """
         if self._objects:
             return value
-        data = self.serializer.dumps(value, bkey)
-        if self.max_value_size is not None and len(data) > self.max_value_size:
+        try:
+            return codec.encode(self.serializer, bkey, value, self.max_value_size)
+        except SerializationError:
+            self._counters.serialization_errors += 1
+            raise
+        except ValueTooLarge:
             self._counters.oversize += 1
-            raise ValueTooLarge(
-                f"{len(data)} bytes for {bkey!r} is over the limit of {self.max_value_size}"
-            )
-        return data
+            raise
 
     def _resolve_ttl(self, ttl: TTL | UseDefault, value: Any = MISSING) -> float | None:
         if ttl is USE_DEFAULT:
@@ -337,7 +347,8 @@ class Cache:
         """
         bkey = self.backend_key(key)
         seconds = self._resolve_ttl(ttl, value)
-        if seconds == 0:  # a None value with negative caching disabled
+        if seconds == 0:  # a None value with negative caching disabled: not stored, but
+            self.delete(key)  # the caller meant to replace the old value
             return
         if tags is None:
             try:
@@ -385,17 +396,23 @@ class Cache:
         except UNSTORABLE:
             self.delete_many(mapping)  # as in set: a failed replacement leaves nothing old
             raise
+        unstored = groups.pop(0.0, None)
+        if unstored:  # as in set: not stored, but they replace the old values
+            self.delete_many(unstored)
         for seconds, items in groups.items():
             self.store.set_many(items, seconds)
 
     def _by_ttl(
         self, mapping: Mapping[str, Any], ttl: TTL | UseDefault
     ) -> dict[float | None, dict[str, Any]]:
-        """Encode items and group them by resolved TTL, dropping what must not be stored."""
+        """Encode items and group them by resolved TTL, ``{bkey: data}``; what must not
+        be stored (a ``None`` with negative caching off) goes under TTL 0, by key."""
         groups: dict[float | None, dict[str, Any]] = {}
         for key, value in mapping.items():
             seconds = self._resolve_ttl(ttl, value)
-            if seconds != 0:
+            if seconds == 0:  # not to be stored: kept by logical key, to be deleted
+                groups.setdefault(0.0, {})[key] = None
+            else:
                 bkey = self.backend_key(key)
                 groups.setdefault(seconds, {})[bkey] = self._encode(bkey, value)
         return groups
@@ -461,6 +478,9 @@ class Cache:
         return serve(self, bkey, value, loader, policy, tags_of)
 
     def _write_failed(self, exc: Exception) -> None:
+        if isinstance(exc, UNSTORABLE):  # counted where it failed to encode: no server error
+            self._log(f"value not cached: {exc!r}")
+            return
         self._counters.errors += 1
         self._log(f"cache write failed: {exc!r}")
 
