@@ -337,7 +337,8 @@ class Cache:
 
         Args:
             ttl: seconds or a timedelta; ``None`` for no expiry; omitted, the cache's
-                default (``none_ttl`` for a ``None`` value).
+                default (``none_ttl`` for a ``None`` value; with ``none_ttl=0`` a
+                ``None`` is not stored and the old entry is deleted).
             tags: key sets the entry belongs to: :meth:`invalidate_tags` with any of
                 them removes it (see :mod:`cachekit.invalidation`).
 

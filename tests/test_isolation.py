@@ -100,6 +100,8 @@ def test_serialize_mode_stores_bytes_only() -> None:
     with pytest.raises(TypeError, match="bytes"):
         backend.set("k", "text", None)  # type: ignore[arg-type]
     assert backend.get("k") is MISSING
+    # In-process: no circuit breaker by default, in either mode (it never fails).
+    assert Cache(backend).breaker is None and Cache(MemoryBackend()).breaker is None
 
 
 # -- repositories -----------------------------------------------------------------------
