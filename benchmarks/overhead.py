@@ -328,12 +328,15 @@ def memory_sections() -> Iterator[list[Section]]:
     region = make_region().configure("dogpile.cache.memory")
     no_ttl = Cache(MemoryBackend(maxsize=10_000), namespace="bench", ttl=None)
     with_ttl = Cache(MemoryBackend(maxsize=10_000), namespace="bench", ttl=300)
+    # Isolating: stores JSON, so every hit decodes a fresh copy, as on Redis.
+    copies = Cache(MemoryBackend(maxsize=10_000, serialize=True), namespace="bench", ttl=None)
     decorated = Section("in-process decorated hit: f(7)", "cachetools.cached(LRUCache)")
     decorated.goal = ("cachekit @cache.cached() ttl=None", 1.0)
     decorated.cases = [
         Case("cachetools.cached(LRUCache)", lru, 7),
         Case("cachekit @cache.cached() ttl=None", no_ttl.cached()(f), 7),
         Case("cachekit @cache.cached() ttl=300", with_ttl.cached()(f), 7),
+        Case("cachekit @cache.cached() serialize=True", copies.cached()(f), 7),
         Case("cachetools.cached(TTLCache ttl=300)", ttl_cache, 7),
         Case("cachetools.cached(LRUCache, lock=Lock())", locked, 7),
         Case("functools.lru_cache", functools.lru_cache(maxsize=10_000)(f), 7),

@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ParamSpec, TypeVar, Unpack
 
+from cachekit import codec
 from cachekit.backends.base import MISSING, Backend
+from cachekit.backends.memory import MemoryBackend
 from cachekit.breaker import BreakerBackend, CircuitBreaker
 from cachekit.decorators import CachedFunction, KeySpec, TagSpec, cached
 from cachekit.entries import ENTRY_BYTE, Entry, Loaded, pack, unpack
@@ -23,6 +25,7 @@ from cachekit.exceptions import (
     CacheError,
     ConfigurationError,
     DecodeError,
+    SerializationError,
     ValueTooLarge,
 )
 from cachekit.fills import token_ttl
@@ -73,7 +76,8 @@ class Cache:
         none_ttl: time to live of a loader's ``None`` result (negative caching); ``0``
             disables it; by default the smaller of ``ttl`` and 30 seconds.
         serializer: encodes values for network backends; ``JsonSerializer()`` by
-            default. Ignored by backends that store objects (memory).
+            default. Ignored by backends that store objects (memory, unless
+            ``MemoryBackend(serialize=True)``).
         lease_ttl: how long a miss's lease lives (see :mod:`cachekit.leases`): the
             longest a loader may run before another caller takes over. ``None``
             turns leases off (plain get/load/set, open to stale sets and stampedes).
@@ -114,9 +118,14 @@ class Cache:
                 f"{backend!r} does not implement the cachekit Backend contract"
             )
         if breaker is USE_DEFAULT:
-            # A pool with a breaker per server must not have one server's outage open
-            # a breaker over all of them.
-            isolated = backend.stores_objects or getattr(backend, "per_node_breakers", False)
+            # In-process storage never fails (even serialize=True, which stores bytes); a
+            # pool with a breaker per server must not have one server's outage open a
+            # breaker over all of them.
+            isolated = (
+                backend.stores_objects
+                or isinstance(backend, MemoryBackend)
+                or getattr(backend, "per_node_breakers", False)
+            )
             breaker = None if isolated else CircuitBreaker()
         self.breaker = breaker
         self.backend = backend
@@ -259,8 +268,8 @@ class Cache:
             if head == MARKER_BYTE:
                 return MISSING
             if head == ENTRY_BYTE:
-                return unpack(self, bkey, raw)
-            return self.serializer.loads(raw, bkey)
+                return unpack(self.serializer, bkey, raw)
+            return codec.decode(self.serializer, bkey, raw)
         except DecodeError as exc:
             self._counters.decode_errors += 1
             self._log(f"dropping undecodable entry {bkey!r}: {exc}")
@@ -302,18 +311,19 @@ class Cache:
         """Serialize for a byte backend, enforcing its item size limit.
 
         Raises:
-            SerializationError: the serializer cannot encode ``value``.
+            SerializationError: the serializer cannot encode ``value`` (counted).
             ValueTooLarge: the encoded value is over ``max_value_size`` (counted).
         """
         if self._objects:
             return value
-        data = self.serializer.dumps(value, bkey)
-        if self.max_value_size is not None and len(data) > self.max_value_size:
+        try:
+            return codec.encode(self.serializer, bkey, value, self.max_value_size)
+        except SerializationError:
+            self._counters.serialization_errors += 1
+            raise
+        except ValueTooLarge:
             self._counters.oversize += 1
-            raise ValueTooLarge(
-                f"{len(data)} bytes for {bkey!r} is over the limit of {self.max_value_size}"
-            )
-        return data
+            raise
 
     def _resolve_ttl(self, ttl: TTL | UseDefault, value: Any = MISSING) -> float | None:
         if ttl is USE_DEFAULT:
@@ -338,7 +348,8 @@ class Cache:
 
         Args:
             ttl: seconds or a timedelta; ``None`` for no expiry; omitted, the cache's
-                default (``none_ttl`` for a ``None`` value).
+                default (``none_ttl`` for a ``None`` value; with ``none_ttl=0`` a
+                ``None`` is not stored and the old entry is deleted).
             tags: key sets the entry belongs to: :meth:`invalidate_tags` with any of
                 them removes it (see :mod:`cachekit.invalidation`).
 
@@ -422,7 +433,8 @@ class Cache:
     def _by_ttl(
         self, mapping: Mapping[str, Any], ttl: TTL | UseDefault
     ) -> dict[float | None, dict[str, Any]]:
-        """Encode items and group them by resolved TTL, dropping what must not be stored."""
+        """Encode items and group them by resolved TTL, ``{bkey: data}``; what must not
+        be stored (a ``None`` with negative caching off) goes under TTL 0, by key."""
         groups: dict[float | None, dict[str, Any]] = {}
         for key, value in mapping.items():
             seconds = self._resolve_ttl(ttl, value)
@@ -498,6 +510,9 @@ class Cache:
         return serve(self, bkey, value, loader, policy, tags_of)
 
     def _write_failed(self, exc: Exception) -> None:
+        if isinstance(exc, UNSTORABLE):  # counted where it failed to encode: no server error
+            self._log(f"value not cached: {exc!r}")
+            return
         self._counters.errors += 1
         self._log(f"cache write failed: {exc!r}")
 

@@ -214,6 +214,10 @@ def _generic_wrapper(
     return wrapper
 
 
+# What an object backend's get returns that the fast path must not return as a value.
+_NOT_PLAIN = frozenset({type(MISSING), Marker, Entry})
+
+
 def _object_wrapper(
     cache: Cache,
     func: Callable[P, R],
@@ -226,6 +230,7 @@ def _object_wrapper(
     backend_get = cache.store.get
     counters = cache._counters
     pending = cache.journal.keys  # updated in place, so this stays current
+    not_plain = _NOT_PLAIN
 
     def object_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if kwargs or len(args) != 1 or pending:
@@ -236,9 +241,11 @@ def _object_wrapper(
         except CacheError as exc:
             cache._read_failed(exc)
         else:
-            if raw is not MISSING and type(raw) is not Marker:
+            if type(raw) not in not_plain:
                 counters.hits += 1
                 return raw  # type: ignore[no-any-return]
+            if raw is not MISSING:  # a lease, or an annotated entry (a tagged cache.set)
+                return generic(*args, **kwargs)
             counters.misses += 1
         return fill(bkey, functools.partial(func, *args, **kwargs))
 

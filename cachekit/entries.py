@@ -16,17 +16,22 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from cachekit import codec
 from cachekit.exceptions import DecodeError
 
 if TYPE_CHECKING:
     from cachekit.cache import Cache
+    from cachekit.serializers import Serializer
 
 __all__ = ["ENTRY_BYTE", "FOREVER", "Entry", "Loaded", "pack", "unpack"]
 
-#: First byte of an annotated entry in a byte backend (never a serializer's first byte).
+#: First byte of an annotated entry in a byte backend (escaped in plain entries, see
+#: cachekit.codec).
 ENTRY_BYTE: Final = b"\x01"
 #: ``fresh_until`` of an entry without expiry.
 FOREVER: Final = math.inf
+# Starts every key an annotated payload is serialized under (see _bound_key).
+_DOMAIN: Final = ENTRY_BYTE.decode("ascii")
 # fresh_until (wall clock), delta (load seconds), length of the tags blob.
 _HEADER = struct.Struct("!ddI")
 
@@ -84,20 +89,27 @@ def pack(
         return Entry(loaded.value, fresh_until, loaded.delta, loaded.tags), physical
     tags = b"" if not loaded.tags else json.dumps(sorted(loaded.tags.items())).encode()
     header = ENTRY_BYTE + _HEADER.pack(fresh_until, loaded.delta, len(tags)) + tags
+    # The payload is framed as a plain entry is (see cachekit.codec), and size-checked.
     return header + cache._encode(_bound_key(bkey, header), loaded.value), physical
 
 
 def _bound_key(bkey: str, header: bytes) -> str:
-    """The key the payload is serialized under: the backend key plus a digest of the
-    header, so a signing serializer's MAC covers the expiry, load time and tags too."""
-    return f"{bkey}\x00{hashlib.sha256(header).hexdigest()}"
+    """The key the payload is serialized under, so that a signing serializer's MAC
+    covers the header (expiry, load time, tags) as well as the backend key.
+
+    It can equal neither a plain entry's key nor another annotated entry's: a plain
+    entry is serialized under its backend key, which starts with the namespace (a
+    letter, digit, ``_``, ``.`` or ``-``, see cachekit.keys), never with ``\\x01``;
+    and the digest has a fixed length, so where it ends and the key begins is known.
+    """
+    return f"{_DOMAIN}{hashlib.sha256(header).hexdigest()}{bkey}"
 
 
-def unpack(cache: Cache, bkey: str, raw: bytes) -> Entry:
+def unpack(serializer: Serializer, bkey: str, raw: bytes) -> Entry:
     """Decode an annotated entry read from a byte backend.
 
     Raises:
-        DecodeError: a truncated header or an undecodable value.
+        DecodeError: a truncated header, bad tags or an undecodable value.
     """
     start = len(ENTRY_BYTE) + _HEADER.size
     if len(raw) < start:
@@ -107,8 +119,8 @@ def unpack(cache: Cache, bkey: str, raw: bytes) -> Entry:
     if size:
         try:
             tags = {str(tag): str(token) for tag, token in json.loads(raw[start : start + size])}
-        except (ValueError, TypeError) as exc:
-            raise DecodeError(f"bad tags in annotated entry: {exc}") from exc
+        except Exception as exc:  # ValueError, TypeError, RecursionError: foreign bytes
+            raise DecodeError(f"bad tags in annotated entry: {exc!r}") from exc
     header = raw[: start + size]
-    value = cache.serializer.loads(raw[start + size :], _bound_key(bkey, header))
+    value = codec.decode(serializer, _bound_key(bkey, header), raw[start + size :])
     return Entry(value, fresh_until, delta, tags, raw)

@@ -1,7 +1,8 @@
 """Entries cachekit stores for itself (lease tokens), which must never reach a caller.
 
 In object backends a marker is a :class:`Marker` instance; in byte backends it is any
-value starting with :data:`MARKER_BYTE`, a byte no serializer may emit first.
+value starting with :data:`MARKER_BYTE`, a first byte that no stored value has
+(:mod:`cachekit.codec` escapes serializer outputs that start with it).
 """
 
 from __future__ import annotations

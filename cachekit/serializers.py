@@ -5,8 +5,8 @@ tagged objects for the common types JSON lacks. Pickle is offered only inside an
 HMAC-SHA256 envelope that binds the entry to its backend key (and so its namespace):
 an entry that fails to verify is never unpickled.
 
-Output never starts with a NUL byte: the facade reserves that prefix for its own
-markers (leases), which therefore can never be mistaken for a value.
+A serializer may return any bytes: the facade frames them (see :mod:`cachekit.codec`),
+so no output can be mistaken for one of its own markers or annotated entries.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class _Encoder:
         if t in _PLAIN:
             return obj
         if t is int:
-            return obj if -(2**63) <= obj < 2**64 else self.tag("int", str(obj))
+            # Hex, not decimal: str() refuses ints over 4,300 digits (and is quadratic).
+            return obj if -(2**63) <= obj < 2**64 else self.tag("hexint", f"{obj:x}")
         if t is float:
             return obj if math.isfinite(obj) else self.tag("float", repr(obj))
         if t is list:
@@ -135,7 +136,9 @@ def _revive(obj: Any) -> Any:  # noqa: C901, PLR0911, PLR0912 - one flat type sw
         return uuid.UUID(v)
     if name == "bytes":
         return base64.b64decode(v, validate=True)
-    if name == "int":
+    if name == "hexint":
+        return int(v, 16)
+    if name == "int":  # written by earlier versions
         return int(v)
     if name == "float":
         return float(v)
@@ -202,9 +205,20 @@ class PickleSerializer:
     """Pickle inside an HMAC-SHA256 envelope bound to the backend key.
 
     Envelope: ``b"ckp1:sha256:" + mac(32 bytes) + pickle``, where the MAC covers the
-    header, the backend key (which includes the namespace) and the pickle. The digest
-    name is pinned, so a header naming another algorithm is rejected, and nothing is
-    unpickled before ``hmac.compare_digest`` succeeds.
+    header, the length-prefixed key and the pickle. The key is the backend key (which
+    includes the namespace) for a plain entry; for an annotated entry it also encodes
+    the entry's header, in a form no backend key can take (see
+    :func:`cachekit.entries.pack`). The digest name is pinned, so a header naming
+    another algorithm is rejected, and nothing is unpickled before
+    ``hmac.compare_digest`` succeeds.
+
+    What someone who can write to the cache server, without the secret, can do:
+    delete entries or make them unreadable (each is a counted miss), keep an entry
+    past its TTL (the server's expiry is not signed), and replay an entry signed
+    earlier for the same key and of the same kind (an older value of that key). What
+    they cannot do: run code in a reader, make an entry read under another key or
+    namespace, turn a plain entry into an annotated one or back, or change an
+    annotated entry's freshness, load time or tags.
 
     Args:
         secret: at least 16 bytes, shared by every process that reads the cache.

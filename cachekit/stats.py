@@ -23,6 +23,9 @@ class CacheStats:
         loads: loader calls made to fill misses.
         errors: backend calls that failed; reads fell through to the loader.
         decode_errors: entries that failed to verify or decode (counted, deleted).
+        serialization_errors: values the serializer could not encode, so not stored
+            (``cache.set`` raised :class:`~cachekit.exceptions.SerializationError`;
+            a fill returned the loaded value uncached).
         lease_waits: misses that found another caller's lease and waited for its value
             instead of calling the loader (single-flight at work).
         fills_rejected: loaded values not stored because the key was written or
@@ -44,6 +47,7 @@ class CacheStats:
     loads: int = 0
     errors: int = 0
     decode_errors: int = 0
+    serialization_errors: int = 0
     lease_waits: int = 0
     fills_rejected: int = 0
     stale_served: int = 0
@@ -74,6 +78,7 @@ class Counters:
         "loads",
         "misses",
         "oversize",
+        "serialization_errors",
         "stale_served",
     )
 
@@ -83,6 +88,7 @@ class Counters:
         self.loads = 0
         self.errors = 0
         self.decode_errors = 0
+        self.serialization_errors = 0
         self.lease_waits = 0
         self.fills_rejected = 0
         self.stale_served = 0

@@ -142,6 +142,7 @@ def _forget_namespace(client: redis.Redis | RedisCluster, namespace: str) -> Non
 @pytest.fixture(
     params=[
         pytest.param("memory", id="memory"),
+        pytest.param("memory-bytes", id="memory-bytes"),
         pytest.param("fakeredis", id="fakeredis"),
         pytest.param("redis", id="redis", marks=pytest.mark.redis),
         pytest.param("memcached", id="memcached", marks=pytest.mark.memcached),
@@ -150,10 +151,13 @@ def _forget_namespace(client: redis.Redis | RedisCluster, namespace: str) -> Non
     ]
 )
 def backend(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]:
-    """Each backend in turn; memory runs on a :class:`FakeClock`."""
+    """Each backend in turn; memory (by reference, or ``serialize=True``) runs on a
+    :class:`FakeClock`."""
     built: Any
     if request.param == "memory":
         built = MemoryBackend(timer=FakeClock())
+    elif request.param == "memory-bytes":
+        built = MemoryBackend(timer=FakeClock(), serialize=True)
     elif request.param == "fakeredis":
         built = _fake_redis()
     elif request.param == "redis":

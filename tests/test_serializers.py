@@ -41,17 +41,33 @@ SAMPLES: list[Any] = [
     {"a", "b"},
     frozenset({1}),
     2**70,
+    -(2**70),
+    10**5000,  # past the 4,300 digits int() and str() refuse in decimal
+    -(10**5000) + 1,
     float("inf"),
     "lone \ud800 surrogate",
 ]
 
 
-@pytest.mark.parametrize("value", SAMPLES, ids=repr)
+def sample_id(value: Any) -> str:
+    """repr() of the value; an int past repr's 4,300 digits by its size."""
+    if type(value) is int and value.bit_length() > 1000:
+        return f"int of {value.bit_length()} bits"
+    return repr(value)
+
+
+@pytest.mark.parametrize("value", SAMPLES, ids=sample_id)
 def test_json_round_trips_the_common_types(value: Any) -> None:
     data = JSON.dumps(value, "k")
     assert data[:1] != b"\x00"  # the marker byte is reserved for cachekit itself
     result = JSON.loads(data, "k")
     assert result == value and type(result) is type(value)
+
+
+def test_json_reads_big_ints_in_decimal_as_earlier_versions_wrote_them() -> None:
+    assert JSON.loads(b' {"__ck__":"int","v":"-123456789012345678901234567890"}', "k") == (
+        -123456789012345678901234567890
+    )
 
 
 def test_json_nan_round_trips() -> None:

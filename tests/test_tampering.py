@@ -10,6 +10,7 @@ payload carries a pickle that records it ran.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import pickle
 import struct
@@ -86,6 +87,10 @@ def entry_of(cache: Cache, key: str, value: Any, **options: Any) -> bytes:
     return raw
 
 
+# Tags nested past any recursion limit: json.loads raises RecursionError on them.
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
 def bomb_payload(label: str) -> bytes:
     return pickle.dumps(Bomb(label))
 
@@ -132,6 +137,9 @@ CASES: dict[str, Forge] = {
         ENTRY_BYTE + ANNOTATED.pack(1e18, 0.0, 0) + bomb_payload("annotated")
     ),
     "annotated: valid entry truncated": lambda c, k, e: entry_of(c, k, "v", tags=["t"])[:-3],
+    "annotated: deeply nested tags": lambda c, k, e: (
+        ENTRY_BYTE + ANNOTATED.pack(1e18, 0.0, len(DEEP)) + DEEP + e
+    ),
 }
 
 
@@ -200,3 +208,24 @@ def test_a_valid_entry_still_reads(cache: Cache) -> None:
     payload = pickle.dumps({"v": 1}, protocol=pickle.HIGHEST_PROTOCOL)
     assert cache.backend.get(cache.backend_key("k")) == signed(cache.backend_key("k"), payload)
     assert cache.stats().decode_errors == 0
+
+
+def test_a_plain_entry_never_verifies_as_an_annotated_entry_of_another_key(
+    cache: Cache,
+) -> None:
+    """A key may hold NUL, and the MAC of an annotated entry's payload covers its key and
+    a digest of its header: that input must not be one a plain entry's MAC can have.
+
+    The forger picks a header (fresh for ages, no tags) and lets the application store
+    any value under the key ``victim + NUL + sha256(header)``; then copies that signed
+    entry, behind the chosen header, to the victim's key."""
+    if cache.backend.key_policy is not None:
+        pytest.skip("keys with NUL are hashed here, so the forger cannot pick the key")
+    header = ENTRY_BYTE + ANNOTATED.pack(1e18, 0.0, 0)
+    donor = "victim\x00" + hashlib.sha256(header).hexdigest()
+    assert cache.backend_key(donor) == cache.backend_key("victim") + donor[len("victim") :]
+    signed_entry = entry_of(cache, donor, "the donor's value")
+    cache.backend.set(cache.backend_key("victim"), header + signed_entry, 60)
+    assert cache.get("victim") is MISSING
+    assert cache.stats().decode_errors == 1
+    assert cache.get(donor) == "the donor's value"  # the donor's own entry still reads

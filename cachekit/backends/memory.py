@@ -1,7 +1,11 @@
-"""In-process LRU backend with per-item TTL, storing objects by reference.
+"""In-process LRU backend with per-item TTL, storing objects by reference or bytes.
 
-Values are not copied or serialized: a caller that mutates a value it got from the
-cache mutates the cached value too (as with ``functools.lru_cache`` and cachetools).
+By default values are not copied or serialized: a caller that mutates a value it got
+from the cache mutates the cached value too (as with ``functools.lru_cache`` and
+cachetools), and any object can be cached. With ``serialize=True`` the backend is a
+byte backend like Redis and memcached: the cache stores its serializer's output, so
+every read decodes a fresh copy and a value the serializer refuses is refused here
+too; a test suite run on it predicts what the network backends do.
 
 Reads take no lock: each ``OrderedDict`` operation they use is a single C call, atomic
 under the GIL, and a read that loses a race with a delete is simply a miss. Writes take
@@ -12,6 +16,7 @@ is most of the hit-path budget, hence the hand-rolled LRU.
 
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from collections import OrderedDict
@@ -34,15 +39,26 @@ class MemoryBackend:
         maxsize: the number of entries kept; the least recently used goes first.
         timer: the clock TTLs are measured on; inject a fake one to test expiry
             without sleeping.
+        serialize: store bytes, as the network backends do (``stores_objects`` is
+            then false), instead of objects by reference.
     """
 
-    stores_objects = True
+    stores_objects: bool = True
     key_policy: KeyPolicy | None = None
 
-    def __init__(self, maxsize: int = 10_000, *, timer: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        maxsize: int = 10_000,
+        *,
+        timer: Callable[[], float] = time.monotonic,
+        serialize: bool = False,
+    ) -> None:
         if not isinstance(maxsize, int) or maxsize < 1:
             raise ConfigurationError(f"maxsize must be a positive int, got {maxsize!r}")
         self.maxsize = maxsize
+        self.stores_objects = not serialize
+        # compare_and_set matches bytes by equality, objects by identity (the contract).
+        self._same: Callable[[Any, Any], bool] = operator.eq if serialize else operator.is_
         self.timer = timer
         self.evictions = 0
         self._data: OrderedDict[str, _Entry] = OrderedDict()
@@ -72,6 +88,10 @@ class MemoryBackend:
             return value
 
         return get
+
+    def __repr__(self) -> str:
+        mode = "" if self.stores_objects else ", serialize=True"
+        return f"MemoryBackend(maxsize={self.maxsize}{mode})"
 
     def __len__(self) -> int:
         return len(self._data)
@@ -112,7 +132,7 @@ class MemoryBackend:
     def compare_and_set(self, key: str, expected: Any, value: Any, ttl: float | None) -> bool:
         with self._lock:
             entry = self._live(key)
-            if entry is None or entry[0] is not expected:
+            if entry is None or not self._same(entry[0], expected):
                 return False
             self._store(key, value, ttl)
             return True
@@ -131,7 +151,7 @@ class MemoryBackend:
             stored = set()
             for key, (expected, value) in items.items():
                 entry = self._live(key)
-                if entry is not None and entry[0] is expected:
+                if entry is not None and self._same(entry[0], expected):
                     self._store(key, value, ttl)
                     stored.add(key)
             return stored
@@ -139,7 +159,7 @@ class MemoryBackend:
     def compare_and_delete(self, key: str, expected: Any) -> bool:
         with self._lock:
             entry = self._live(key)
-            if entry is None or entry[0] is not expected:
+            if entry is None or not self._same(entry[0], expected):
                 return False
             del self._data[key]
             return True
@@ -162,6 +182,10 @@ class MemoryBackend:
         return entry
 
     def _store(self, key: str, value: Any, ttl: float | None) -> None:
+        if not self.stores_objects and type(value) is not bytes:
+            raise TypeError(
+                f"MemoryBackend(serialize=True) stores bytes, not {type(value).__name__}"
+            )
         data = self._data
         data[key] = (value, None if ttl is None else self.timer() + ttl)
         data.move_to_end(key)

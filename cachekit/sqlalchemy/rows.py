@@ -9,9 +9,12 @@ round trip, or merged into a session with ``merge(load=False)``.
 
 from __future__ import annotations
 
+import copy
+import datetime as dt
 import json
 import uuid
 from collections.abc import Iterable, Mapping
+from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import ColumnElement, Select, select, tuple_
@@ -30,6 +33,12 @@ M = TypeVar("M")
 
 #: A row's column values by attribute key: what the cache stores for an entity.
 Snapshot = dict[str, Any]
+
+# Column value types no caller can change in place: entities share them with the cache.
+_IMMUTABLE = frozenset({
+    type(None), bool, int, float, str, bytes, Decimal,
+    dt.datetime, dt.date, dt.time, dt.timedelta, uuid.UUID,
+})  # fmt: skip
 
 # Primary key types whose values are coerced before they become key text, so that
 # repo.get("7") and repo.get(7) can never be two entries for one row.
@@ -108,6 +117,14 @@ class Rows(Generic[M]):
         """The columns an instance holds in memory, without touching the database."""
         held = sa_inspect(obj).dict
         return {key: held[key] for key in self.column_keys if key in held}
+
+    def unshared(self, snapshot: Mapping[str, Any]) -> Snapshot:
+        """A copy of ``snapshot`` whose mutable values (a JSON column's dict, an ARRAY's
+        list) are deep copies, so that changing an entity never changes the cache."""
+        return {
+            key: value if type(value) in _IMMUTABLE else copy.deepcopy(value)
+            for key, value in snapshot.items()
+        }
 
     def instance(self, snapshot: Mapping[str, Any]) -> M:
         """A detached instance with ``snapshot`` as its committed state: no SQL."""
