@@ -34,6 +34,10 @@ in a server restart.
 - A lease marker: the fill is a compare-and-set against the marker, so a lost marker
   rejects the fill (another caller may load meanwhile: a second loader call).
 
+A server that brings old data *back* is another matter: a Redis with RDB/AOF
+persistence that restarts from a snapshot restores entries deleted after it was taken
+(see the README's section on persistence).
+
 Every coordination key expires (tokens within twice the cache's TTL, or a day with
 ``ttl=None``; the epoch a day after its last change), so idle namespaces leave nothing
 behind; an expiry is a loss like any other and costs only reloads.
@@ -107,7 +111,14 @@ def invalidate_tags(cache: Cache, tags: Iterable[str], store: Backend | None = N
     store = cache.store if store is None else store
     # The epoch expires so that idle namespaces leave nothing behind; a missing epoch
     # only makes fills that straddle its expiry be rejected, never stored stale.
-    store.set(_key(cache, _EPOCH), _encode(cache, _token()), _EPOCH_TTL)
+    try:
+        store.set(_key(cache, _EPOCH), _encode(cache, _token()), _EPOCH_TTL)
+    except CacheError:
+        # The epoch's server failed, but the tokens may live on servers that answer (a
+        # pool): drop them anyway, or their entries stay readable there for the whole
+        # outage. The failure still propagates, so the tags stay journaled.
+        store.delete_many(keys)
+        raise
     store.delete_many(keys)
 
 

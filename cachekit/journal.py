@@ -43,6 +43,8 @@ logger = logging.getLogger("cachekit")
 Replay = Callable[[list[str], list[str]], None]
 
 _JOURNALS: weakref.WeakSet[Journal] = weakref.WeakSet()
+# At exit, how long to wait for a replay already in flight before the last try.
+_EXIT_WAIT = 2.0
 
 
 class Journal:
@@ -74,6 +76,7 @@ class Journal:
         self._replay = replay
         self._direct = direct
         self._next_try = 0.0
+        self._next_direct = 0.0
         self._again_keys: set[str] = set()
         self._again_tags: set[str] = set()
         self._thread: threading.Thread | None = None
@@ -117,17 +120,32 @@ class Journal:
                 )
                 self._thread.start()
 
-    def settle(self, *, direct: bool = False, force: bool = False) -> bool:
+    def settle(self, *, direct: bool = False, force: bool = False, wait: float = 0.0) -> bool:
         """Replay pending invalidations if it is time to retry (or ``force``); return
         whether the journal is now empty. Never raises: a failed replay waits for the
-        next try. ``direct`` goes straight to the server, past the breaker."""
+        next try.
+
+        Args:
+            direct: go straight to the server, past the breaker (the background
+                thread's schedule, kept apart from the callers' so that callers whose
+                replays the open breaker refuses never push it back).
+            force: replay even if the last try was less than ``retry`` ago.
+            wait: how long to wait for a replay already in flight, in seconds.
+        """
         if not self:
             return True
         now = self.timer()
-        if (now < self._next_try and not force) or not self._replaying.acquire(blocking=False):
+        due = self._next_direct if direct else self._next_try
+        if now < due and not force:
+            return False
+        lock = self._replaying
+        if not (lock.acquire(timeout=wait) if wait else lock.acquire(blocking=False)):
             return False
         try:
-            self._next_try = now + self.retry
+            if direct:
+                self._next_direct = now + self.retry
+            else:
+                self._next_try = now + self.retry
             return self._replay_once(self._direct if direct and self._direct else self._replay)
         finally:
             self._replaying.release()
@@ -137,13 +155,14 @@ class Journal:
             keys, tags = set(self.keys), set(self.tags)
             self._again_keys.clear()
             self._again_tags.clear()
-        try:
-            replay(sorted(keys), sorted(tags))
-        except CacheError:
-            return False
+        # Keys and tags apart: a key on a dead server must not hold up every tag.
+        keys_done = not keys or _replayed(replay, sorted(keys), [])
+        tags_done = not tags or _replayed(replay, [], sorted(tags))
         with self._lock:
-            self.keys -= keys - self._again_keys
-            self.tags -= tags - self._again_tags
+            if keys_done:
+                self.keys -= keys - self._again_keys
+            if tags_done:
+                self.tags -= tags - self._again_tags
             return not self
 
     def _run(self) -> None:
@@ -153,10 +172,10 @@ class Journal:
                 if not self:
                     self._thread = None
                     return
-            wait = self._next_try - self.timer()
+            wait = self._next_direct - self.timer()
             if wait > 0:
                 time.sleep(min(wait, self.retry))
-            elif not self.settle(direct=True) and self._next_try <= self.timer():
+            elif not self.settle(direct=True) and self._next_direct <= self.timer():
                 time.sleep(self.retry)  # a caller's replay was in flight: don't spin
 
     def at_exit(self) -> None:
@@ -165,7 +184,7 @@ class Journal:
             return
         # At exit, a backend that is already torn down only means "lost", logged below.
         with contextlib.suppress(Exception):
-            self.settle(direct=True, force=True)
+            self.settle(direct=True, force=True, wait=_EXIT_WAIT)
         if self:
             logger.warning(
                 "cachekit: exiting with %d invalidations not replayed (%d keys, %d tags); "
@@ -174,6 +193,14 @@ class Journal:
                 len(self.keys),
                 len(self.tags),
             )
+
+
+def _replayed(replay: Replay, keys: list[str], tags: list[str]) -> bool:
+    try:
+        replay(keys, tags)
+    except CacheError:
+        return False
+    return True
 
 
 def _settle_all_at_exit() -> None:

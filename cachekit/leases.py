@@ -148,7 +148,8 @@ def load_under_lease(
         # deleted would otherwise make this loop spin.
         if time.monotonic() >= deadline:
             return fills.load_uncached(cache, loader)
-        time.sleep(cache.lease_poll / 8 * random.uniform(0.5, 1.5))  # noqa: S311
+        pause = cache.lease_poll / 8 * random.uniform(0.5, 1.5)  # noqa: S311
+        time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
 
 
 def _wait_for_holder(cache: Cache, bkey: str, deadline: float) -> Any:
@@ -173,7 +174,7 @@ def _wait_for_holder(cache: Cache, bkey: str, deadline: float) -> Any:
             return _GiveUp.GIVE_UP
         # Full jitter keeps waiters from polling in lockstep.
         # Never past the deadline: a waiter then gives up and loads on its own.
-        pause = delay * random.uniform(0.5, 1.5)  # noqa: S311 - not cryptographic
+        pause = delay * random.uniform(0.5, 1.0)  # noqa: S311 - never over lease_poll
         time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
         delay = min(delay * 2, cache.lease_poll)
 
@@ -250,15 +251,15 @@ def load_many_under_lease(
                 batch = fills.timed_load(
                     cache, functools.partial(load_many, list(mine.values())), batch_tags
                 )
+            results = {bkey: batch.value.get(id_) for bkey, id_ in mine.items()}
+            leased_fills = {
+                bkey: (markers[bkey], _one(batch, results[bkey], tags_of, id_))
+                for bkey, id_ in mine.items()
+            }
         except BaseException:
             for bkey in mine:
                 _release(cache, bkey, markers[bkey])
             raise
-        results = {bkey: batch.value.get(id_) for bkey, id_ in mine.items()}
-        leased_fills = {
-            bkey: (markers[bkey], _one(batch, results[bkey], tags_of, id_))
-            for bkey, id_ in mine.items()
-        }
         _fill_many(cache, leased_fills, policy)
     for bkey, id_ in wanted.items():
         if bkey not in leased:
@@ -287,6 +288,29 @@ def _one(
 
 def _fill_many(cache: Cache, leased: Mapping[str, tuple[Any, Loaded]], policy: FillPolicy) -> None:
     """Store leased values ``{bkey: (marker, loaded)}``, one batch per physical TTL."""
+    try:
+        groups = _pack_many(cache, leased, policy)
+    except BaseException:
+        for bkey, (marker, _) in leased.items():
+            _release(cache, bkey, marker)  # a no-op for those already released
+        raise
+    for seconds, items in groups.items():
+        try:
+            stored = cache.store.compare_and_set_many(items, seconds)
+        except CacheError as exc:
+            _lost(cache, {bkey: marker for bkey, (marker, _) in items.items()}, exc)
+            continue
+        except BaseException:
+            _remember(cache, {bkey: marker for bkey, (marker, _) in items.items()})
+            raise
+        cache._counters.fills_rejected += len(items) - len(stored)
+
+
+def _pack_many(
+    cache: Cache, leased: Mapping[str, tuple[Any, Loaded]], policy: FillPolicy
+) -> dict[float | None, dict[str, tuple[Any, Any]]]:
+    """Encode leased values, grouped by physical TTL; release the leases of those that
+    must not be stored."""
     groups: dict[float | None, dict[str, tuple[Any, Any]]] = {}
     for bkey, (marker, loaded) in leased.items():
         try:
@@ -299,16 +323,7 @@ def _fill_many(cache: Cache, leased: Mapping[str, tuple[Any, Loaded]], policy: F
         else:
             data, seconds = packed
             groups.setdefault(seconds, {})[bkey] = (marker, data)
-    for seconds, items in groups.items():
-        try:
-            stored = cache.store.compare_and_set_many(items, seconds)
-        except CacheError as exc:
-            _lost(cache, {bkey: marker for bkey, (marker, _) in items.items()}, exc)
-            continue
-        except BaseException:
-            _remember(cache, {bkey: marker for bkey, (marker, _) in items.items()})
-            raise
-        cache._counters.fills_rejected += len(items) - len(stored)
+    return groups
 
 
 def _release(cache: Cache, bkey: str, marker: Any) -> None:

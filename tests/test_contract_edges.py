@@ -187,3 +187,16 @@ def test_a_fill_interrupted_mid_call_leaves_no_lease_to_wait_out(namespace: str)
     assert cache.get_or_load("k", lambda: 2) == 2
     assert cache.stats().lease_waits == 0  # its marker was reclaimed, not waited out
     assert cache.get("k") == 2
+
+
+def test_a_batch_whose_result_cannot_be_used_releases_every_lease(namespace: str) -> None:
+    cache = Cache(MemoryBackend(), namespace=namespace, lease_ttl=60)
+    view = cache.read_through(
+        "row",
+        load=lambda i: {"id": i},
+        load_many=lambda ids: [{"id": i} for i in ids],  # a list, not a mapping: a bug
+    )
+    with pytest.raises(AttributeError):
+        view.get_many([1, 2])
+    assert view.get(1) == {"id": 1}
+    assert cache.stats().lease_waits == 0  # its lease was released, not sat out

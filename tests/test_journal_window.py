@@ -8,11 +8,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
 import pytest
 import redis
 
-from cachekit import MISSING, Cache, CircuitBreaker
+from cachekit import MISSING, BackendError, Cache, CircuitBreaker
+from cachekit.backends.counting import CountingBackend
 from cachekit.backends.memory import MemoryBackend
 from cachekit.backends.redis import RedisBackend
 from tests.support import FlakyBackend
@@ -120,3 +122,44 @@ def test_exiting_with_pending_invalidations_is_logged_at_warning() -> None:
         [sys.executable, "-c", _EXITING], capture_output=True, text=True, timeout=60, check=True
     )
     assert "WARNING cachekit: exiting with 3 invalidations not replayed" in result.stderr
+
+
+def test_busy_callers_behind_an_open_breaker_do_not_starve_the_replay(namespace: str) -> None:
+    """Callers' replays are refused by the open breaker without reaching the server;
+    they must not keep pushing back the background thread's own schedule."""
+    inner = MemoryBackend()
+    flaky = FlakyBackend(inner)
+    cache = Cache(flaky, namespace=namespace, breaker=CircuitBreaker(failures=1, cooldown=3600))
+    cache.set("k", 1)
+    flaky.down = True
+    cache.delete("k")
+    flaky.down = False
+    deadline = time.monotonic() + DEADLINE
+    while cache.journal and time.monotonic() < deadline:
+        cache.get("other")  # a busy process: reads in a tight loop
+    assert not cache.journal
+    assert inner.get(cache.backend_key("k")) is MISSING
+
+
+class _EpochNodeDown(FlakyBackend):
+    """A pool whose server holding the namespace's epoch is down; the others answer."""
+
+    def _call(self, name: str, *args: Any) -> Any:
+        keys = [args[0]] if isinstance(args[0], str) else list(args[0])
+        if self.down and any(key.endswith("#epoch") for key in keys):
+            self.calls[name] += 1
+            raise BackendError(f"{name}: the epoch's server is down")
+        return CountingBackend._call(self, name, *args)  # every other server answers
+
+
+def test_invalidation_drops_tokens_on_the_servers_that_answer(namespace: str) -> None:
+    inner = MemoryBackend()
+    pool = _EpochNodeDown(inner)
+    writer = Cache(pool, namespace=namespace, breaker=None)
+    reader = Cache(inner, namespace=namespace)  # another process, reaching the live servers
+    writer.set("report", {"v": 1}, tags=["row:1"])
+    assert reader.get("report") == {"v": 1}
+    pool.down = True
+    writer.invalidate_tags(["row:1"])  # the epoch cannot move; the token must still go
+    assert reader.get("report") is MISSING
+    assert writer.stats().pending_invalidations == 1  # and the tag stays journaled
