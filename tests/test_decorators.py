@@ -14,7 +14,7 @@ import numpy
 import pytest
 import redis
 
-from cachekit import MISSING, Cache, KeyEncodingError
+from cachekit import MISSING, Cache, ConfigurationError, KeyEncodingError
 from cachekit.backends.base import Backend
 from cachekit.backends.memory import MemoryBackend
 from tests.support import FailingBackend
@@ -84,6 +84,27 @@ def test_a_template_key_is_the_logical_key(cache: Cache, namespace: str) -> None
     assert get_user(user_id=5, verbose=True) == {"id": 5}
     if cache.backend.key_policy is None:
         assert cache.backend_key("user:5") == f"{namespace}:user:5"
+
+
+def test_template_values_are_encoded_so_argument_tuples_never_collide(cache: Cache) -> None:
+    @cache.cached(key="member:{org}:{user}")
+    def member(org: str, user: str) -> str:
+        return f"{org}/{user}"
+
+    assert member("a", "b:c") == "a/b:c"
+    assert member("a:b", "c") == "a:b/c"  # was served "a/b:c": both rendered member:a:b:c
+    assert member.key("a", "b:c") == "member:a:b%3Ac"
+    assert member(org="a:b", user="c") == "a:b/c" and cache.stats().loads == 2
+
+
+def test_bad_templates_fail_at_decoration(cache: Cache) -> None:
+    def get_user(user_id: int, verbose: bool = False) -> int:
+        return user_id
+
+    with pytest.raises(ConfigurationError, match="the parameters are: user_id, verbose"):
+        cache.cached(key="user:{id}")(get_user)
+    with pytest.raises(ConfigurationError, match="ambiguous"):
+        cache.cached(key="user:{user_id}{verbose}")(get_user)
 
 
 def test_a_callable_key(cache: Cache) -> None:
