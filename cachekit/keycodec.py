@@ -45,6 +45,8 @@ __all__ = ["Template", "canonical_decimal", "encode", "quote", "render"]
 # may be as low as 640); the text is the same decimal either way.
 _CHUNK = 500
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.<>]*")
+_TYPE_NAMES: dict[type, str] = {}
+_TYPE_NAMES_KEPT = 1024
 
 
 def quote(text: str) -> str:
@@ -59,10 +61,14 @@ def encode(value: Any) -> str:
         KeyEncodingError: the value, or something inside it, has no stable encoding.
     """
     kind = type(value)
+    if kind is str:  # quote(), inlined: the common case
+        text: str = value
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
     if kind is int:
-        return _int(value)
-    if kind is str:
-        return quote(value)
+        try:
+            return str(value)
+        except ValueError:  # longer than sys.get_int_max_str_digits()
+            return _int(value)
     try:
         return _encode(value)
     except RecursionError:
@@ -117,8 +123,14 @@ def _stateless(value: Any, base: type) -> bool:
 
 
 def _type_name(kind: type) -> str:
-    name = f"{kind.__module__}.{kind.__qualname__}"
-    return name if _NAME.fullmatch(name) else quote(name)
+    name = _TYPE_NAMES.get(kind)
+    if name is None:
+        name = f"{kind.__module__}.{kind.__qualname__}"
+        if not _NAME.fullmatch(name):
+            name = quote(name)
+        if len(_TYPE_NAMES) < _TYPE_NAMES_KEPT:  # bounded: classes made at run time
+            _TYPE_NAMES[kind] = name
+    return name
 
 
 def _tagged(kind: type, items: list[str]) -> str:
