@@ -62,8 +62,14 @@ class KeyMaker:
         self.spec = spec
         self.tags = tags
         self.template = Template(spec, self.names) if isinstance(spec, str) else None
-        self.prefix = f"{func.__module__}.{func.__qualname__}"
+        self.name = getattr(func, "__qualname__", None) or repr(func)
+        self.prefix = f"{getattr(func, '__module__', None)}.{self.name}"
         if spec is None:
+            if not hasattr(func, "__qualname__"):
+                raise KeyEncodingError(
+                    f"{func!r} has no qualified name to key by (a partial, or a callable"
+                    " object): pass key= to @cache.cached, or decorate a function"
+                )
             self.prefix += _closure_text(func)
         self.prefix += ":"
 
@@ -127,7 +133,7 @@ class KeyMaker:
         self, args: tuple[Any, ...], kwargs: dict[str, Any], exc: KeyEncodingError
     ) -> KeyEncodingError:
         """The error naming the first argument that has no encoding, and the fix."""
-        where = f"{self.func.__qualname__}()"
+        where = f"{self.name}()"
         for name, value in self._bind(args, kwargs).arguments.items():
             try:
                 encode(value)

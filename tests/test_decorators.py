@@ -328,6 +328,26 @@ def test_keys_are_canonical_and_typed(cache: Cache) -> None:
     assert cache.get(user.key(7.0)) == "7.0"
 
 
+def test_the_inlined_hit_path_builds_the_canonical_key(cache: Cache) -> None:
+    calls: list[object] = []
+
+    @cache.cached()
+    def number(value: Any) -> int:
+        calls.append(value)
+        if value == 7.5:  # a float: the call goes through the generic path
+            raise ValueError("the function's own error")
+        return len(calls)
+
+    values = [7, -7, 10**5000, "it's", "back\\slash", "", 7.0, (7,)]
+    for n, value in enumerate(values, start=1):
+        assert number(value) == n and number(value) == n
+        assert cache.get(number.key(value)) == n  # the key the fast path stored under
+    assert len(calls) == len(values)
+    with pytest.raises(ValueError, match="own error"):
+        number(7.5)
+    assert len(calls) == len(values) + 1  # called once, not again by the key's fallback
+
+
 def test_async_and_generator_functions_are_refused_at_decoration() -> None:
     cache = Cache(MemoryBackend(), namespace="m")
 
