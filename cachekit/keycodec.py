@@ -281,6 +281,7 @@ class Template:
     def __init__(self, template: str, parameters: tuple[str, ...]) -> None:
         self.template = template
         self.parts: list[tuple[str, str | None]] = []  # (literal, field) pairs
+        self.names: set[str] = set()  # the parameters it uses
         try:
             parsed = list(string.Formatter().parse(template))
         except ValueError as exc:
@@ -306,6 +307,7 @@ class Template:
                 " cachekit encodes each value itself, so write just {name}"
             )
         root = re.split(r"[.\[]", field, maxsplit=1)[0]
+        self.names.add(root)
         if root not in parameters:
             raise ConfigurationError(
                 f"key template {self.template!r} names {root!r}, which is not a parameter;"

@@ -134,7 +134,10 @@ class KeyMaker:
     ) -> KeyEncodingError:
         """The error naming the first argument that has no encoding, and the fix."""
         where = f"{self.name}()"
+        template = self.template
         for name, value in self._bind(args, kwargs).arguments.items():
+            if template is not None and name not in template.names:
+                continue
             try:
                 encode(value)
             except KeyEncodingError as inner:
