@@ -11,7 +11,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ParamSpec, TypeVar, Unpack
+from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
 from cachekit import codec
 from cachekit.backends.base import MISSING, Backend
@@ -537,16 +537,37 @@ class Cache:
 
     # -- strategies -------------------------------------------------------------------------
 
+    @overload
+    def cached(self, func: Callable[P, R], /) -> CachedFunction[P, R]: ...
+
+    @overload
     def cached(
         self,
+        func: None = None,
+        /,
         *,
         ttl: TTL | UseDefault = USE_DEFAULT,
         key: KeySpec | None = None,
         tags: TagSpec | None = None,
         **options: Unpack[PolicyOptions],
-    ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
-        """Decorate a function for cache-aside; see :func:`cachekit.decorators.cached`."""
-        return cached(self, key=key, policy=self.policy(ttl, **options), tags=tags)
+    ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]: ...
+
+    def cached(
+        self,
+        func: Callable[P, R] | None = None,
+        /,
+        *,
+        ttl: TTL | UseDefault = USE_DEFAULT,
+        key: KeySpec | None = None,
+        tags: TagSpec | None = None,
+        **options: Unpack[PolicyOptions],
+    ) -> CachedFunction[P, R] | Callable[[Callable[P, R]], CachedFunction[P, R]]:
+        """Decorate a function for cache-aside, as ``@cache.cached`` (the cache's
+        defaults) or ``@cache.cached(ttl=..., ...)``; see :func:`cachekit.decorators.cached`."""
+        decorate: Callable[[Callable[P, R]], CachedFunction[P, R]] = cached(
+            self, key=key, policy=self.policy(ttl, **options), tags=tags
+        )
+        return decorate if func is None else decorate(func)
 
     def read_through(
         self,

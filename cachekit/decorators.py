@@ -1,21 +1,34 @@
 """``@cache.cached``: cache-aside for functions and methods, keyed on bound arguments.
 
-The hit path is what users feel, so the key is built without ``inspect.Signature.bind``
-whenever a call passes exactly the declared positional parameters (the common case);
-any other call shape binds once, fills in defaults, and yields the same key.
+Keys come from :class:`~cachekit.keymaker.KeyMaker`; this module wraps the function so
+that a hit costs as little as possible: the common call shapes build their backend key
+inline, in a closure prepared once at decoration.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast
+from collections.abc import Callable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    ParamSpec,
+    Protocol,
+    Self,
+    TypeVar,
+    cast,
+    overload,
+)
 
 from cachekit.backends.base import MISSING
 from cachekit.entries import Entry
-from cachekit.exceptions import CacheError
+from cachekit.exceptions import CacheError, KeyEncodingError
 from cachekit.freshness import serve
+from cachekit.keycodec import encode
+from cachekit.keymaker import KeyMaker, KeySpec, TagSpec
 from cachekit.leases import load_and_fill
 from cachekit.markers import Marker
 from cachekit.policy import FillPolicy
@@ -23,25 +36,21 @@ from cachekit.policy import FillPolicy
 if TYPE_CHECKING:
     from cachekit.cache import Cache
 
-__all__ = ["CachedFunction", "KeySpec", "cached"]
+__all__ = ["CachedFunction", "KeySpec", "TagSpec", "cached", "check_cacheable"]
 
 P = ParamSpec("P")
+Q = ParamSpec("Q")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
-
-#: A key template over the parameters (``"user:{user_id}"``) or a callable taking the
-#: function's arguments and returning the key.
-KeySpec = str | Callable[..., str]
-
-#: Key sets of a result: a list, or ``tags(result, *args, **kwargs) -> list``.
-TagSpec = Iterable[str] | Callable[..., Iterable[str]]
-
-_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-_SELF_NAMES = ("self", "cls")
+T = TypeVar("T")
 
 
 class CachedFunction(Protocol[P, R_co]):
-    """A cached function: callable as before, plus controls over its entries."""
+    """A cached function: callable as before, plus controls over its entries.
+
+    As a method it binds like a function (``obj.method(7)``, ``obj.method.key(7)``);
+    the ``__get__`` overloads tell type checkers so.
+    """
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
 
@@ -57,73 +66,47 @@ class CachedFunction(Protocol[P, R_co]):
         """The logical key for these arguments, usable with ``cache.get()``."""
         ...
 
+    # A classmethod (first parameter type[T]) binds to the class it is read from. mypy
+    # reads class attributes through this overload for any first parameter, so a plain
+    # method read from its class (rare: Service.get(service, 7)) types as bound.
+    @overload
+    def __get__(
+        self: CachedFunction[Concatenate[type[T], Q], R], obj: T | None, objtype: type[T]
+    ) -> CachedFunction[Q, R]: ...
 
-class _KeyMaker:
-    """Builds the logical key of one call; all signature analysis happens once, here."""
+    @overload
+    def __get__(self, obj: None, objtype: type[Any] | None = None) -> Self: ...
 
-    def __init__(
-        self, func: Callable[..., Any], spec: KeySpec | None, tags: TagSpec | None = None
-    ) -> None:
-        self.signature = inspect.signature(func)
-        params = list(self.signature.parameters.values())
-        self.names = tuple(p.name for p in params)
-        # Exactly the declared positional parameters, passed positionally: no binding.
-        self.arity = len(params) if all(p.kind in _POSITIONAL for p in params) else -1
-        self.skip_self = bool(params) and params[0].name in _SELF_NAMES
-        self.prefix = f"{func.__module__}.{func.__qualname__}:"
-        self.spec = spec
-        self.tags = tags
+    @overload
+    def __get__(
+        self: CachedFunction[Concatenate[T, Q], R], obj: T, objtype: type[Any] | None = None
+    ) -> CachedFunction[Q, R]: ...
 
-    def tags_of(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Callable[[Any], Iterable[str]] | None:
-        """The tags function of one call's result, or ``None`` for an untagged function."""
-        tags = self.tags
-        if tags is None:
-            return None
-        if callable(tags):
-            return lambda result: tags(result, *args, **kwargs)
-        fixed = list(tags)
-        return lambda result: fixed
 
-    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        spec = self.spec
-        if spec is None:
-            if not kwargs and len(args) == self.arity:
-                values = args[1:] if self.skip_self else args
-                return self.prefix + ",".join(map(repr, values))
-            return self.prefix + ",".join(self._bound_parts(args, kwargs))
-        if isinstance(spec, str):
-            if not kwargs and len(args) == self.arity:
-                return spec.format_map(dict(zip(self.names, args, strict=True)))
-            return spec.format_map(self._bind(args, kwargs).arguments)
-        key = spec(*args, **kwargs)
-        if not isinstance(key, str):
-            raise TypeError(f"key callable returned {type(key).__name__}, expected str")
-        return key
+def check_cacheable(func: object) -> None:
+    """Refuse what ``@cache.cached`` cannot cache, at decoration, saying what to do.
 
-    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments:
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return bound
-
-    def _bound_parts(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
-        parts: list[str] = []
-        params = self.signature.parameters
-        items = iter(self._bind(args, kwargs).arguments.items())
-        if self.skip_self:
-            next(items)
-        for name, value in items:
-            kind = params[name].kind
-            if kind is inspect.Parameter.VAR_POSITIONAL:
-                parts.extend(map(repr, value))
-            elif kind is inspect.Parameter.VAR_KEYWORD:
-                parts.extend(f"{k}={value[k]!r}" for k in sorted(value))
-            elif kind is inspect.Parameter.KEYWORD_ONLY:
-                parts.append(f"{name}={value!r}")
-            else:
-                parts.append(repr(value))
-        return parts
+    Raises:
+        TypeError: ``func`` is not a plain callable returning a value: an ``async def``,
+            a generator function, or a classmethod/staticmethod object.
+    """
+    if isinstance(func, classmethod | staticmethod):
+        kind = type(func).__name__
+        raise TypeError(f"put @{kind} above @cache.cached(), not below it")
+    if not callable(func):
+        raise TypeError(f"@cache.cached() decorates functions, not {type(func).__name__}")
+    name = getattr(func, "__qualname__", repr(func))
+    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError(
+            f"@cache.cached() cannot cache {name}: it is async, and the cache would hold"
+            " the coroutine, not its result; async support comes in a later release"
+            " (until then, cache a synchronous function)"
+        )
+    if inspect.isgeneratorfunction(func):
+        raise TypeError(
+            f"@cache.cached() cannot cache {name}: it is a generator function, and a"
+            " generator can be consumed only once; return a list (or tuple) instead"
+        )
 
 
 def cached(
@@ -137,21 +120,31 @@ def cached(
 
     Args:
         cache: the cache to store results in.
-        key: ``None`` for a key from the module, qualified name and bound arguments
-            (``self``/``cls`` left out); a template such as ``"user:{user_id}"``
-            formatted with the bound arguments; or a callable taking the function's
-            arguments and returning the key.
+        key: ``None`` for a key from the module, qualified name and every bound
+            argument, canonically encoded (:mod:`cachekit.keycodec`; ``self`` through
+            its ``__cache_key__``); a template such as ``"user:{user_id}"``, each value
+            encoded (:class:`~cachekit.keycodec.Template`); or a callable taking the
+            function's arguments and returning the key.
         policy: TTL, lease, stale window and early refresh (``cache.policy(...)``).
         tags: key sets of each result: a list, or a callable taking the result and
             then the function's arguments (``lambda result, org_id: [...]``).
 
     The key is logical (``cache.get(f.key(7))`` works); namespacing and any hashing
     happen in ``cache.backend_key``.
+
+    Raises:
+        TypeError: at decoration, for what :func:`check_cacheable` refuses.
+        ConfigurationError: at decoration, for a template naming something that is not
+            a parameter, or one two argument tuples could render alike.
+        KeyEncodingError: at decoration, for a default key of a lambda or of a closure
+            whose captured values have no encoding; at a call, for an argument that has
+            none.
     """
 
     def decorate(func: Callable[P, R]) -> CachedFunction[P, R]:
-        make_key = _KeyMaker(func, key, tags)
-        if make_key.skip_self:
+        check_cacheable(func)
+        make_key = KeyMaker(func, key, tags)
+        if make_key.is_method:
             return cast("CachedFunction[P, R]", _CachedMethod(cache, func, make_key, policy))
         return _wrap_function(cache, func, make_key, policy)
 
@@ -159,12 +152,12 @@ def cached(
 
 
 def _wrap_function(
-    cache: Cache, func: Callable[P, R], make_key: _KeyMaker, policy: FillPolicy
+    cache: Cache, func: Callable[P, R], make_key: KeyMaker, policy: FillPolicy
 ) -> CachedFunction[P, R]:
     fill = functools.partial(load_and_fill, cache, policy=policy)
     # The common call shape builds its backend key inline, with no call: only for
-    # default keys of plain functions on backends that take any key string.
-    fast = make_key.spec is None and not make_key.skip_self and cache.store.key_policy is None
+    # default keys on backends that take any key string.
+    fast = make_key.spec is None and cache.store.key_policy is None
     arity = make_key.arity if fast else -1
     full_prefix = cache.backend_key(make_key.prefix)
     chosen = _generic_wrapper(cache, func, make_key, policy, arity=arity, full_prefix=full_prefix)
@@ -183,7 +176,7 @@ def _wrap_function(
 def _generic_wrapper(
     cache: Cache,
     func: Callable[P, R],
-    make_key: _KeyMaker,
+    make_key: KeyMaker,
     policy: FillPolicy,
     *,
     arity: int,
@@ -196,12 +189,16 @@ def _generic_wrapper(
     fill = functools.partial(load_and_fill, cache)
 
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        if kwargs or len(args) != arity:
-            bkey = backend_key(make_key(args, kwargs))
-        elif arity == 1:
-            bkey = full_prefix + repr(args[0])
-        else:
-            bkey = full_prefix + ",".join(map(repr, args))
+        try:
+            if kwargs or len(args) != arity:
+                bkey = backend_key(make_key(args, kwargs))
+            elif arity == 1:
+                bkey = full_prefix + encode(args[0])
+            else:
+                bkey = full_prefix + ",".join(map(encode, args))
+        except KeyEncodingError:
+            make_key(args, kwargs)  # raises the error naming the argument and the fix
+            raise
         if (value := lookup(bkey)) is not MISSING and type(value) is not Entry:
             return value  # type: ignore[no-any-return]
         # partial, not a lambda: a closure over args would cost every hit two cells.
@@ -218,7 +215,7 @@ def _generic_wrapper(
 _NOT_PLAIN = frozenset({type(MISSING), Marker, Entry})
 
 
-def _object_wrapper(
+def _object_wrapper(  # noqa: C901 - the hit path, inlined on purpose (see below)
     cache: Cache,
     func: Callable[P, R],
     fill: Callable[[str, Callable[[], R]], R],
@@ -231,11 +228,25 @@ def _object_wrapper(
     counters = cache._counters
     pending = cache.journal.keys  # updated in place, so this stays current
     not_plain = _NOT_PLAIN
+    quoted_prefix = full_prefix + "'"
 
     def object_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        if kwargs or len(args) != 1 or pending:
+        if kwargs or pending:
             return generic(*args, **kwargs)
-        bkey = full_prefix + repr(args[0])
+        # keycodec.encode, inlined for one int or str argument; any other call shape or
+        # type, or an int too long for repr(), takes the generic path, which encodes it.
+        try:
+            (arg,) = args  # cheaper than len() and [0]: a hit is only ~20 steps
+            if type(arg) is int:
+                bkey = full_prefix + repr(arg)
+            elif type(arg) is str:
+                bkey = quoted_prefix + arg.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            else:
+                bkey = ""
+        except ValueError:
+            bkey = ""
+        if not bkey:  # generic() is called outside the try: its ValueErrors are the user's
+            return generic(*args, **kwargs)
         try:
             raw = backend_get(bkey)
         except CacheError as exc:
@@ -256,7 +267,7 @@ class _Controls(Generic[P, R]):
     """``invalidate``/``refresh``/``key`` for one function, given its full arguments."""
 
     def __init__(
-        self, cache: Cache, func: Callable[P, R], make_key: _KeyMaker, policy: FillPolicy
+        self, cache: Cache, func: Callable[P, R], make_key: KeyMaker, policy: FillPolicy
     ) -> None:
         self.cache = cache
         self.func = func
@@ -288,7 +299,7 @@ class _CachedMethod(Generic[P, R]):
     """
 
     def __init__(
-        self, cache: Cache, func: Callable[P, R], make_key: _KeyMaker, policy: FillPolicy
+        self, cache: Cache, func: Callable[P, R], make_key: KeyMaker, policy: FillPolicy
     ) -> None:
         functools.update_wrapper(self, func)
         self._call = _wrap_function(cache, func, make_key, policy)

@@ -6,6 +6,7 @@
      ├── ConfigurationError (ValueError)      bad arguments, caught at construction
      ├── MissingDependencyError (ImportError) an optional driver is not installed
      ├── SerializationError (TypeError)       a value the serializer cannot encode
+     ├── KeyEncodingError (TypeError)         an argument with no stable key encoding
      ├── DecodeError (ValueError)             a stored entry that fails to verify or decode
      ├── ValueTooLarge (ValueError)           an encoded value over the backend's size limit
      ├── ReentrantLoadError (RuntimeError)    a loader asked for the key it is loading
@@ -26,6 +27,7 @@ __all__ = [
     "CacheError",
     "ConfigurationError",
     "DecodeError",
+    "KeyEncodingError",
     "MissingDependencyError",
     "ReentrantLoadError",
     "SerializationError",
@@ -47,6 +49,11 @@ class MissingDependencyError(CacheError, ImportError):
 
 class SerializationError(CacheError, TypeError):
     """A value cannot be encoded by the configured serializer."""
+
+
+class KeyEncodingError(CacheError, TypeError):
+    """A value has no canonical key text (see :mod:`cachekit.keycodec`); the message
+    names the argument and the fix: ``key=``, or a ``__cache_key__`` method."""
 
 
 class DecodeError(CacheError, ValueError):

@@ -1,7 +1,9 @@
 """Read-through and write-through views: a keyed cache whose misses a loader fills.
 
 A view turns ids into logical keys (``"user:7"``) once, in :meth:`ReadThroughView.key`,
-so direct ``cache.get(view.key(7))`` calls and the view always agree.
+so direct ``cache.get(view.key(7))`` calls and the view always agree. Each id is
+rendered by :func:`cachekit.keycodec.render`, so ids of different values or types
+(``7``, ``"7"``, ``7.0``) never share a key.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from cachekit.backends.base import MISSING
 from cachekit.entries import Entry
 from cachekit.freshness import serve
+from cachekit.keycodec import render
 from cachekit.leases import load_and_fill, load_many_under_lease
 from cachekit.policy import FillPolicy
 
@@ -53,8 +56,14 @@ class ReadThroughView(Generic[K, V]):
         self._key_prefix = prefix + ":"
 
     def key(self, id: K) -> str:
-        """The logical key of ``id`` (``"user:7"``), usable with ``cache.get()``."""
-        return self._key_prefix + str(id)
+        """The logical key of ``id``, usable with ``cache.get()``: ``"user:7"`` for 7,
+        ``"user:ada"`` for ``"ada"``, ``"user:%37"`` for ``"7"`` (see
+        :func:`~cachekit.keycodec.render`).
+
+        Raises:
+            KeyEncodingError: ``id`` has no stable encoding.
+        """
+        return self._key_prefix + render(id)
 
     def get(self, id: K) -> V:
         """Return the value of ``id``, loading and caching it on a miss."""

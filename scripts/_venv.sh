@@ -14,7 +14,7 @@
 VENV_DIR="${VENV_DIR:-$PWD/.venv}"
 VENV_PY="$VENV_DIR/bin/python"
 # Bump when the install logic below changes, to invalidate existing stamps.
-_CACHEKIT_STAMP_VERSION=1
+_CACHEKIT_STAMP_VERSION=2
 
 _venv_log() { printf '==> %s\n' "$*" >&2; }
 _venv_die() {
@@ -121,7 +121,9 @@ ensure_venv() {
     _venv_quiet "$VENV_PY" -m pip install -q --upgrade pip ||
         _venv_log "warning: could not upgrade pip; continuing with $("$VENV_PY" -m pip --version)"
 
-    local args=(-e ".[$extras]") req_file=""
+    # compat mode: a plain path in a .pth file, which mypy and IDEs follow; setuptools'
+    # default editable finder is an import hook that type checkers cannot see.
+    local args=(-e ".[$extras]" --config-settings editable_mode=compat) req_file=""
     if [[ ${#groups[@]} -gt 0 ]]; then
         if "$VENV_PY" -m pip install --help 2>/dev/null | grep -q -- '--group'; then
             for g in "${groups[@]}"; do args+=(--group "$g"); done

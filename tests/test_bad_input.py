@@ -187,7 +187,7 @@ def test_a_self_referential_value_is_a_serialization_error(cache: Cache) -> None
     with pytest.raises(TypeError):
         cache.set("k", loop)
 
-    @cache.cached(lease_ttl=30)
+    @cache.cached(key="circular:{x}", lease_ttl=30)  # a closure over loop: no default key
     def circular(x: int) -> list[Any]:
         return loop
 

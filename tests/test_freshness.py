@@ -152,7 +152,7 @@ def test_decorators_and_views_take_the_options(
 ) -> None:
     cache = Cache(backend, namespace=namespace, ttl=TTL, clock=clock)
 
-    @cache.cached(stale_ttl=STALE)
+    @cache.cached(key="read:{n}", stale_ttl=STALE)  # a closure over source: no default key
     def read(n: int) -> str:
         return source()
 

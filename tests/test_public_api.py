@@ -19,6 +19,7 @@ MODULES = [
     "cachekit.backends.counting",
     "cachekit.exceptions",
     "cachekit.keys",
+    "cachekit.keycodec",
     "cachekit.serializers",
     "cachekit.stats",
     "cachekit.views",

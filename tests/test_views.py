@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cachekit import Cache
+from cachekit import MISSING, Cache, KeyEncodingError
 from cachekit.backends.base import Backend
 from cachekit.backends.memory import MemoryBackend
 from tests.support import CountingBackend
@@ -51,6 +51,24 @@ def test_get_loads_once_and_caches_missing_rows(cache: Cache) -> None:
     assert table.single == [1, 99]
     assert users.key(7) == "user:7"
     assert cache.get(users.key(1)) == {"id": 1, "v": 0}
+
+
+def test_ids_of_different_types_or_values_never_share_a_key(cache: Cache) -> None:
+    def load(id_: object) -> str:
+        return f"{type(id_).__name__} {id_!r}"
+
+    view = cache.read_through("user", load=load)
+    assert view.get(1) == "int 1"
+    assert view.get("1") == "str '1'"  # str(id) keys served row 1 here
+    assert view.get(1.0) == "float 1.0" and view.get(True) == "bool True"
+    assert view.get_many([1, "1", 2]) == {1: "int 1", "1": "str '1'", 2: "int 2"}
+    assert [view.key(i) for i in (7, "7", "ada", "a:b")] == [
+        "user:7", "user:%37", "user:ada", "user:a%3Ab",
+    ]  # fmt: skip
+    view.invalidate("1")
+    assert cache.get(view.key(1)) == "int 1" and cache.get(view.key("1")) is MISSING
+    with pytest.raises(KeyEncodingError, match="no stable key encoding"):
+        view.get(object())
 
 
 def test_get_many_is_one_read_one_load_many_one_write(namespace: str) -> None:

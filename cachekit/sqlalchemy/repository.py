@@ -33,6 +33,7 @@ from cachekit.exceptions import CacheError, ConfigurationError
 from cachekit.sqlalchemy.rows import Pk, Rows, Snapshot
 from cachekit.sqlalchemy.tracking import OWN_STATEMENT, Pending, RowTags, WriteTracker
 from cachekit.ttl import TTL, USE_DEFAULT, UseDefault
+from cachekit.views import ReadThroughView
 
 __all__ = ["CachedRepository", "WritePolicy"]
 
@@ -46,6 +47,14 @@ WritePolicy = Literal["write-through", "invalidate"]
 
 # Keys per SELECT when loading misses; well under every driver's bound-parameter limit.
 _IN_CHUNK = 1000
+
+
+class _RowView(ReadThroughView[Pk, Snapshot | None]):
+    """The entity view, keyed by a :class:`Pk`'s own text (``users:7``, ``users:1:"a:b"``):
+    a Pk holds its columns' types, so its text is already one per row."""
+
+    def key(self, id: Pk) -> str:
+        return f"{self.prefix}:{id}"
 
 
 class CachedRepository(Generic[M]):
@@ -92,9 +101,9 @@ class CachedRepository(Generic[M]):
         self.table_tag = f"table:{self._rows.table_name}"
         self.any_tag = f"{self.prefix}:*"
         self._factory = session_factory
-        self._view = cache.read_through(
-            self.prefix, load=self._load_one, load_many=self._load_many, ttl=ttl,
-            tags=self._entity_tags,
+        self._view = _RowView(
+            cache, self.prefix, load=self._load_one, load_many=self._load_many,
+            policy=cache.policy(ttl), tags=self._entity_tags,
         )  # fmt: skip
         self._tracker = WriteTracker(
             self._rows, committed=self._apply, settled=self._refill, row_tags=row_tags

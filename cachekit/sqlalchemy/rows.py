@@ -10,11 +10,12 @@ round trip, or merged into a session with ``merge(load=False)``.
 from __future__ import annotations
 
 import copy
-import datetime as dt
+import datetime
+import decimal
 import json
+import operator
 import uuid
-from collections.abc import Iterable, Mapping
-from decimal import Decimal
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import ColumnElement, Select, select, tuple_
@@ -26,6 +27,7 @@ from sqlalchemy.orm.exc import UnmappedClassError
 from sqlalchemy.orm.util import identity_key
 
 from cachekit.exceptions import ConfigurationError
+from cachekit.keycodec import canonical_decimal
 
 __all__ = ["Pk", "Rows", "Snapshot"]
 
@@ -36,18 +38,18 @@ Snapshot = dict[str, Any]
 
 # Column value types no caller can change in place: entities share them with the cache.
 _IMMUTABLE = frozenset({
-    type(None), bool, int, float, str, bytes, Decimal,
-    dt.datetime, dt.date, dt.time, dt.timedelta, uuid.UUID,
+    type(None), bool, int, float, str, bytes, decimal.Decimal,
+    datetime.datetime, datetime.date, datetime.time, datetime.timedelta, uuid.UUID,
 })  # fmt: skip
-
-# Primary key types whose values are coerced before they become key text, so that
-# repo.get("7") and repo.get(7) can never be two entries for one row.
-_COERCED = (int, str, uuid.UUID)
 
 
 def _component(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, decimal.Decimal):
+        value = canonical_decimal(value)  # 1.50 and 1.5 are one row: one text
+    elif isinstance(value, float):
+        value = repr(value + 0.0)  # -0.0 and 0.0 likewise
     return json.dumps(value if isinstance(value, str) else str(value))
 
 
@@ -56,7 +58,9 @@ class Pk(tuple[Any, ...]):
 
     ``str()`` gives its key text: each component JSON-encoded, joined by ``":"``
     (``7``; ``1:"a:b"``). A JSON value's end is always known, so no two keys share a
-    text, whatever their strings contain.
+    text, whatever their strings contain; and since every component has its column's
+    Python type (see :meth:`Rows.pk`), equal keys share one text: ``Decimal("1.50")``
+    and ``Decimal("1.5")`` are both ``"1.5"``.
     """
 
     __slots__ = ()
@@ -85,9 +89,17 @@ class Rows(Generic[M]):
     def pk(self, value: Any) -> Pk:
         """Normalize what a caller passes (``7``, ``(1, 2)``) to a :class:`Pk`.
 
+        Each component is converted to its column's Python type first, so every
+        spelling of one row's key is one cache key and one row tag, the ones a write of
+        the row invalidates: ``"7"`` is ``7`` on an Integer key; ``"1.5"``, ``1.5`` and
+        ``Decimal("1.50")`` are one Numeric key; a UUID may be its string. What the
+        column type cannot take exactly is refused: a bool or a float on an Integer
+        key, a non-finite number on a Numeric one, a datetime on a Date one.
+
         Raises:
             ValueError: a composite key with the wrong number of components, or a
-                component that cannot be converted to its column's type.
+                string that does not parse as its column's type.
+            TypeError: a component of a type its column does not take.
         """
         parts = tuple(value) if isinstance(value, tuple | list) else (value,)
         if len(parts) != len(self._pk_types):
@@ -172,13 +184,76 @@ class Rows(Generic[M]):
 
 def _python_type(column_type: Any) -> type | None:
     try:
-        kind = column_type.python_type
-    except NotImplementedError:
+        kind: type = column_type.python_type
+    except NotImplementedError:  # a custom type that does not say: taken as given
         return None
-    return kind if kind in _COERCED else None
+    return kind
 
 
 def _coerce(kind: type | None, value: Any) -> Any:
-    if kind is None or isinstance(value, kind):
+    if kind is None:
         return value
-    return kind(value)
+    if isinstance(value, bool) and kind is not bool:
+        raise TypeError(f"a bool is not a {kind.__name__} primary key")
+    convert = _CONVERTERS.get(kind)
+    if convert is not None:
+        return convert(value)
+    if isinstance(value, kind) and not (
+        kind is datetime.date and isinstance(value, datetime.datetime)
+    ):
+        return value
+    raise TypeError(f"a {kind.__name__} primary key cannot be a {type(value).__name__}")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, str):
+        return int(value)
+    try:
+        return operator.index(value)  # int and numpy ints; a float 7.5 is refused
+    except TypeError:
+        raise TypeError(f"an int primary key cannot be a {type(value).__name__}") from None
+
+
+def _to_decimal(value: Any) -> decimal.Decimal:
+    if isinstance(value, float):
+        value = repr(value)  # the float as written (0.1), not its binary expansion
+    elif not isinstance(value, decimal.Decimal | int | str):
+        raise TypeError(f"a Decimal primary key cannot be a {type(value).__name__}")
+    try:
+        number = decimal.Decimal(value)
+    except decimal.InvalidOperation:
+        raise ValueError(f"{value!r} is not a decimal number") from None
+    if not number.is_finite():
+        raise ValueError(f"a primary key must be finite, not {value!r}")
+    return number
+
+
+def _to_float(value: Any) -> float:
+    if not isinstance(value, float | int | str | decimal.Decimal):
+        raise TypeError(f"a float primary key cannot be a {type(value).__name__}")
+    return float(value)
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if type(value) is int:  # the text the database compares, as before
+        return str(value)
+    raise TypeError(f"a str primary key cannot be a {type(value).__name__}")
+
+
+def _to_uuid(value: Any) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        return uuid.UUID(value)
+    raise TypeError(f"a UUID primary key cannot be a {type(value).__name__}")
+
+
+_CONVERTERS: dict[type, Callable[[Any], Any]] = {
+    int: _to_int,
+    decimal.Decimal: _to_decimal,
+    float: _to_float,
+    str: _to_str,
+    uuid.UUID: _to_uuid,
+}

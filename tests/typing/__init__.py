@@ -1,0 +1,1 @@
+"""Code checked by ``mypy --strict`` in the gate (pyproject ``[tool.mypy] files``)."""
