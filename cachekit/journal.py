@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from cachekit.exceptions import BackendError, CacheError
+from cachekit.forks import renew_locks_in_child
 from cachekit.invalidation import invalidate_tags
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class Journal:
         self._again_keys: set[str] = set()
         self._again_tags: set[str] = set()
         self._lock = threading.Lock()
+        renew_locks_in_child(self, "_lock")  # a child inherits the journal, not a held lock
 
     def __bool__(self) -> bool:
         return bool(self.keys or self.tags)
