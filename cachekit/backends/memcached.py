@@ -201,7 +201,8 @@ class MemcachedBackend:
             pymemcache ``Client``, ``PooledClient`` or ``HashClient`` to use as given
             and never close. A plain ``Client`` has one socket and is not
             thread-safe; a server list gives a thread-safe backend. Two or more
-            servers make a pool over a ``HashClient`` of pooled clients. A
+            servers make a pool (hashed as a ``HashClient`` hashes), each server with
+            its own connections (see ``pool_size``). A
             ``HashClient``'s own retry and dead-server settings are not used.
         timeout: seconds allowed for each command, when the backend builds the client.
         connect_timeout: seconds allowed for connecting, likewise.

@@ -2,11 +2,12 @@
 
 A Redis that writes RDB snapshots (``save``) and crashes reloads its last snapshot:
 every entry deleted or invalidated since then is back, and readers get the old value
-until its TTL. An append-only file fsynced once a second (``appendfsync everysec``,
-the default) or left to the OS (``no``) loses the last second or more of deletes the
-same way. Only ``appendonly yes`` with ``appendfsync always`` and no ``save`` points
-loses no acknowledged delete. :class:`~cachekit.backends.redis.RedisBackend` asks the
-server once, on its first write, and logs a warning if persistence is on.
+until its TTL. With ``appendonly yes`` it reloads the append-only file instead (never
+the snapshot); fsynced once a second (``appendfsync everysec``, the default) or when
+the OS likes (``no``), that file loses the last second or more of deletes the same
+way. Only ``appendfsync always``, which writes each command to disk before Redis
+answers it, loses no acknowledged delete. :class:`~cachekit.backends.redis.RedisBackend`
+asks the server once, after its first write, and logs a warning if it persists.
 """
 
 from __future__ import annotations
@@ -25,15 +26,11 @@ _PARAMETERS = ("save", "appendonly", "appendfsync")
 def hazard(config: Mapping[str, str]) -> str | None:
     """What makes a server with this ``CONFIG GET`` answer lose deletes on a crash, or
     None. A parameter the server did not report counts as off."""
-    reasons = []
-    save = config.get("save", "").strip()
-    if save:
-        reasons.append(f'RDB snapshots (save "{save}")')
-    if config.get("appendonly", "no").lower() == "yes":
+    if config.get("appendonly", "no").lower() == "yes":  # then only the AOF is reloaded
         fsync = config.get("appendfsync", "everysec").lower()
-        if fsync != "always":
-            reasons.append(f"an append-only file fsynced {fsync!r}")
-    return " and ".join(reasons) or None
+        return None if fsync == "always" else f"an append-only file fsynced {fsync!r}"
+    save = config.get("save", "").strip()
+    return f'RDB snapshots (save "{save}")' if save else None
 
 
 def _text(value: Any) -> str:
