@@ -53,9 +53,14 @@ class _Nodes(Protocol):
 
 
 class _Source(Protocol):
-    """Where one server's commands run: a pool of our own, or a caller's client."""
+    """Where one server's commands run: a pool of our own, or a caller's client.
 
-    def run(self, operation: _Operation, *args: Any, **kwargs: Any) -> Any: ...
+    ``run`` takes the ``_Nodes.run`` arguments, node included (a source serves one
+    server, so it ignores it): a single server's ``_Nodes.run`` is then the source's
+    own, one call frame less on every hit.
+    """
+
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any: ...
     def close(self) -> None: ...
 
 
@@ -80,9 +85,10 @@ class _Connections:
         self._open: set[Any] = set()
         reset_in_child(self, _Connections._forget)
 
-    def run(self, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
+        idle = self._idle
         try:
-            client = self._idle.pop()
+            client = idle.pop()
         except IndexError:
             client = self._factory()
             self._open.add(client)
@@ -91,11 +97,11 @@ class _Connections:
         finally:
             # pymemcache closes the socket on any error, so the client reconnects
             # on its next use and is safe to reuse.
-            self._give_back(client)
+            idle.append(client)
+            if len(idle) > self._keep:
+                self._trim(idle)
 
-    def _give_back(self, client: Any) -> None:
-        idle = self._idle
-        idle.append(client)
+    def _trim(self, idle: list[Any]) -> None:
         # Not "append if short": two callers could both see room. Each caller trims
         # after appending, so once the callers are done at most ``keep`` are idle.
         while len(idle) > self._keep:
@@ -133,7 +139,7 @@ class _Lent:
         self.client = client
         reset_in_child(self, _Lent._forget)
 
-    def run(self, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
         return _bind(self.client, operation)(*args, **kwargs)
 
     def close(self) -> None:
@@ -162,15 +168,13 @@ class _Single:
 
     def __init__(self, source: _Source) -> None:
         self.source = source
+        self.run = source.run
 
     def node_for(self, key: str) -> Any:
         return None
 
     def group(self, keys: Iterable[str]) -> dict[Any, list[str]]:
         return {None: list(keys)}
-
-    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
-        return self.source.run(operation, *args, **kwargs)
 
     def close(self) -> None:
         self.source.close()

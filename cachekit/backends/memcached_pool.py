@@ -228,7 +228,7 @@ class _Ring:
         if node.state != "up" and not node.admit():
             self.probe(node)
         try:
-            result = node.source.run(operation, *args, **kwargs)
+            result = node.source.run(node, operation, *args, **kwargs)
         except _UNANSWERED:
             node.unanswered()
             raise
@@ -247,9 +247,9 @@ class _Ring:
         refusal: MemcacheError | None = None
         try:
             if self._flush:
-                answered = bool(node.source.run("flush_all", noreply=False))
+                answered = bool(node.source.run(node, "flush_all", noreply=False))
             else:
-                answered = bool(node.source.run("version"))
+                answered = bool(node.source.run(node, "version"))
         except _UNANSWERED:
             node.probe_failed()
             raise
