@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from pymemcache.client.base import Client, PooledClient
+from pymemcache.client.hash import HashClient
 
 from cachekit import MISSING, Cache
 from cachekit.backends.base import Backend
@@ -227,3 +229,38 @@ def test_a_redis_cluster_routing_lock_held_at_fork_time_does_not_block_the_child
         backend.delete(key)
         client.close()
     assert children == [("ok", "v")] * 2
+
+
+@pytest.mark.memcached
+@pytest.mark.parametrize("kind", ["Client", "PooledClient", "HashClient"])
+def test_an_injected_memcached_client_works_in_forked_children(
+    memcached_server: tuple[str, int], namespace: str, kind: str
+) -> None:
+    """The caller's client is never closed, but a child drops its copies of the
+    client's connections (closing only its own descriptors), or it would share them."""
+    options: dict[str, Any] = {"timeout": 2.0, "connect_timeout": 2.0}
+    client: Any
+    if kind == "Client":
+        client = Client(memcached_server, **options)
+    elif kind == "PooledClient":
+        client = PooledClient(memcached_server, **options)
+    else:
+        client = HashClient([memcached_server], use_pooling=True, **options)
+    backend = MemcachedBackend(client)
+
+    def key(name: str) -> str:
+        return f"{namespace}:{name}"
+
+    def work(i: int) -> int:
+        return exercise(backend, key, f"child{i}")
+
+    try:
+        assert exercise(backend, key, "parent-before", rounds=5) == 5
+        _, children = in_children(
+            work, CHILDREN, meanwhile=lambda: exercise(backend, key, "parent-during")
+        )
+        assert children == [("ok", ROUNDS)] * CHILDREN
+        assert exercise(backend, key, "parent-after", rounds=20) == 20
+    finally:
+        backend.close()
+        client.close()
