@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from cachekit.backends.base import Backend, KeyPolicy
 from cachekit.exceptions import BackendError, BackendUnavailable, ConfigurationError
+from cachekit.forks import renew_locks_in_child
 
 __all__ = ["BreakerBackend", "CircuitBreaker"]
 
@@ -52,6 +53,7 @@ class CircuitBreaker:
         self._consecutive = 0
         self._opened_at = 0.0
         self._lock = threading.Lock()
+        renew_locks_in_child(self, "_lock")  # a child inherits the state, not a held lock
 
     def allow(self) -> bool:
         """Whether a call may go to the server now (at most one probe when half-open)."""

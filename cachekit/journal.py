@@ -27,13 +27,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
 
 from cachekit.exceptions import BackendError, CacheError
+from cachekit.forks import reset_in_child
 
 __all__ = ["Journal", "Replay"]
 
@@ -81,6 +81,7 @@ class Journal:
         self._again_tags: set[str] = set()
         self._thread: threading.Thread | None = None
         self._after_fork()
+        reset_in_child(self, Journal._after_fork)
         _JOURNALS.add(self)
 
     def _after_fork(self) -> None:
@@ -208,11 +209,4 @@ def _settle_all_at_exit() -> None:
         journal.at_exit()
 
 
-def _reset_in_child() -> None:
-    for journal in list(_JOURNALS):
-        journal._after_fork()
-
-
 atexit.register(_settle_all_at_exit)
-if hasattr(os, "register_at_fork"):  # pragma: no branch - every POSIX Python has it
-    os.register_at_fork(after_in_child=_reset_in_child)

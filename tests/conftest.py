@@ -204,18 +204,51 @@ class Expiry:
 
 
 @pytest.fixture
-def expiry(backend: Backend) -> Expiry:
+def expiry(backend: Backend, request: pytest.FixtureRequest) -> Expiry:
     """Memory advances its fake clock; servers sleep (memcached counts whole seconds)."""
     if isinstance(backend, MemoryBackend):
         clock = backend.timer
         assert isinstance(clock, FakeClock)
         return Expiry(ttl=30.0, wait=lambda: clock.advance(31.0))
     if isinstance(backend, RedisBackend):
+        # Redis compares against its own clock on access: real time, which a sleep
+        # never undershoots.
         return Expiry(ttl=0.05, wait=lambda: time.sleep(0.15))
-    # memcached expires an item at its next whole-second tick after the TTL, so an
-    # entry set with exptime 1 is gone within ~1 s, and add (leases) gets one second more
-    # (see _add_expire); 2.6 s leaves room for a slow tick.
-    return Expiry(ttl=1.0, wait=lambda: time.sleep(2.6))
+    if request.node.callspec.params["backend"] == "memcached-pool":
+        addresses = [_host_port(name) for name in request.getfixturevalue("memcached_pool")]
+    else:
+        addresses = [MEMCACHED_ADDRESS]
+    # memcached expires an item once its own clock, which ticks once a second (later on
+    # a starved server), passes the exptime: 1 s for a set, 2 s for an add (a lease,
+    # see _add_expire). So wait on that clock, not on ours.
+    return Expiry(ttl=1.0, wait=lambda: wait_for_memcached_clock(addresses, 3))
+
+
+def _host_port(name: str) -> tuple[str, int]:
+    host, port = name.rsplit(":", 1)
+    return host, int(port)
+
+
+def wait_for_memcached_clock(addresses: list[tuple[str, int]], seconds: int) -> None:
+    """Return once every server's clock (``stats`` ``time``) is ``seconds`` past where it
+    was when called."""
+
+    def clocks() -> list[int]:
+        found = []
+        for address in addresses:
+            client = Client(address, timeout=SERVER_TIMEOUT, connect_timeout=SERVER_TIMEOUT)
+            try:
+                found.append(int(client.stats()[b"time"]))
+            finally:
+                client.close()
+        return found
+
+    targets = [start + seconds for start in clocks()]
+    time.sleep(seconds)  # usually enough; a starved server's clock lags
+    deadline = time.monotonic() + 30.0
+    while any(now < target for now, target in zip(clocks(), targets, strict=True)):
+        assert time.monotonic() < deadline, "a memcached clock stopped"
+        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import time
 import unicodedata
 from collections.abc import Iterator
 from typing import Any
@@ -169,12 +168,11 @@ def test_an_unserializable_result_leaves_a_decorated_call_working(cache: Cache) 
         calls.append(x)
         return object()
 
-    started = time.monotonic()
     results = [unstorable(1) for _ in range(3)]
     assert all(type(result) is object for result in results)
     assert calls == [1, 1, 1]  # never cached, and every call returned
-    assert time.monotonic() - started < 5  # the lease was released, nobody waited it out
     stats = cache.stats()
+    assert stats.lease_waits == 0  # the lease was released, nobody waited it out
     assert stats.serialization_errors == 3  # counted, not hidden
     assert stats.errors == 0  # and not as server errors: the server never failed
     assert cache.get_or_load("k", object) is not MISSING

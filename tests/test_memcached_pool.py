@@ -27,12 +27,17 @@ from tests.servers import Server, ServerError, Servers, binary, memcached_comman
 pytestmark = pytest.mark.memcached
 
 ROWS = 300
-# Short, so that marking a hung server down costs NODE_FAILURES * TIMEOUT seconds.
+# Short, so that marking a hung server down costs NODE_FAILURES * TIMEOUT seconds. On a
+# loaded machine a live server can miss it too: the hung-server tests assert only what
+# holds either way (a live server's timeout is a miss, or a journaled delete).
 TIMEOUT = 0.2
 NODE_FAILURES = 3
 COOLDOWN = 0.4
+# For killed servers (refused at once, whatever the timeout) and raw clients: generous,
+# so that a live server's slow reply under load is never mistaken for a failure.
 RAW_TIMEOUT = 2.0
 PASSES = 5
+EVENTUALLY = 30.0  # seconds for a resumed server to rejoin and the journal to drain
 
 
 @pytest.fixture
@@ -57,14 +62,36 @@ def start(servers: Servers, count: int, *extra: str) -> list[Server]:
         raise  # not reached: require() skipped or failed
 
 
-def pool(members: list[Server], **options: Any) -> MemcachedBackend:
-    settings: dict[str, Any] = {
-        "timeout": TIMEOUT,
-        "connect_timeout": TIMEOUT,
-        "node_failures": NODE_FAILURES,
-        "node_cooldown": COOLDOWN,
-    }
-    return MemcachedBackend([m.address for m in members], **(settings | options))
+Pool = Callable[..., MemcachedBackend]
+
+
+@pytest.fixture
+def pool() -> Iterator[Pool]:
+    """Builds pool backends over servers, and closes every one at the end, even when
+    the test failed (an unclosed one would raise its ResourceWarning in a later test)."""
+    built: list[MemcachedBackend] = []
+
+    def build(members: list[Server], **options: Any) -> MemcachedBackend:
+        settings: dict[str, Any] = {
+            "timeout": TIMEOUT,
+            "connect_timeout": TIMEOUT,
+            "node_failures": NODE_FAILURES,
+            "node_cooldown": COOLDOWN,
+        }
+        backend = MemcachedBackend([m.address for m in members], **(settings | options))
+        built.append(backend)
+        return backend
+
+    yield build
+    for backend in built:
+        backend.close()
+
+
+def killable(pool: Pool, members: list[Server]) -> MemcachedBackend:
+    """A pool with generous timeouts, for tests where no server hangs: a killed one
+    refuses at once whatever the timeout, and a live one's slow reply under load must
+    not count as a failure."""
+    return pool(members, timeout=RAW_TIMEOUT, connect_timeout=RAW_TIMEOUT)
 
 
 def server_of(backend: MemcachedBackend, bkey: str) -> str:
@@ -111,11 +138,31 @@ def wait_for_cooldown() -> None:
     time.sleep(COOLDOWN + 0.05)
 
 
+def read_until_settled(cache: Cache, backend: MemcachedBackend, server: Server, rows: Rows) -> int:
+    """Read every row (plain and through get_or_load), pass after pass, asserting each
+    pass, until ``server`` is back in the pool and the journal is empty; the passes
+    it took. How soon that happens depends on the machine (the probe after the
+    cool-down must get its answer in time), so it is waited for, not assumed."""
+    deadline = time.monotonic() + EVENTUALLY
+    passes = 0
+    while True:
+        passes += 1
+        assert stale_reads(cache, rows) == []
+        for row in rows.versions:
+            value = cache.get_or_load(f"row:{row}", lambda row=row: rows.load(row))
+            assert value == rows.load(row)
+        settled = backend.node_health()[server.address].state == "up"
+        if settled and cache.stats().pending_invalidations == 0:
+            return passes
+        assert time.monotonic() < deadline, "the resumed server never rejoined"
+        time.sleep(0.05)
+
+
 # -- a hung server ----------------------------------------------------------------------
 
 
 def test_a_hung_server_leaves_no_stale_reads_after_it_resumes(
-    servers: Servers, namespace: str
+    servers: Servers, pool: Pool, namespace: str
 ) -> None:
     """300 rows are updated and invalidated while one of 3 servers hangs past its
     dead-marking; once it resumes, not one read returns an old row."""
@@ -132,45 +179,36 @@ def test_a_hung_server_leaves_no_stale_reads_after_it_resumes(
     ]
 
     hung.pause()
-    started = time.monotonic()
     for row in rows.versions:
         rows.update(row)  # commit, then invalidate
         cache.delete(f"row:{row}")  # never raises: a failed delete is journaled
     for row in rows.versions:  # reads during the outage: fail-open, never old
         assert cache.get_or_load(f"row:{row}", lambda row=row: rows.load(row)) == rows.load(row)
-    outage = time.monotonic() - started
-    assert backend.node_health()[hung.address].state == "down"
+    during = backend.node_health()[hung.address]
     deferred = cache.stats().invalidations_deferred
     hung.resume()
 
     wait_for_cooldown()
-    stale = stale_reads(cache, rows)
-    decorated_stale = [
-        row
-        for row in rows.versions
-        if cache.get_or_load(f"row:{row}", lambda row=row: rows.load(row))["version"]
-        != rows.versions[row]
-    ]
+    passes = read_until_settled(cache, backend, hung, rows)
     health = backend.node_health()[hung.address]
     stats = cache.stats()
     print(
-        f"\nhung server: {len(on_hung)} of {ROWS} rows on it, outage handled in {outage:.2f} s, "
-        f"deletes journaled={deferred}, stale reads after resume={len(stale)} "
-        f"(+{len(decorated_stale)} via get_or_load), marked_down={health.marked_down}, "
-        f"flushes={health.flushes}, short_circuited={health.short_circuited}, "
-        f"pending={stats.pending_invalidations}"
+        f"\nhung server: {len(on_hung)} of {ROWS} rows on it, deletes journaled={deferred}, "
+        f"read passes until it rejoined={passes} (none stale), marked_down={health.marked_down}, "
+        f"flushes={health.flushes}, short_circuited={health.short_circuited}"
     )
-    assert stale == [] and decorated_stale == []
-    assert deferred >= len(on_hung)  # every delete it missed was kept...
+    assert during.state == "down" and during.short_circuited > 0  # its keys failed fast
+    # Every delete it missed was kept (a live server's timeout under load adds more)...
+    assert deferred >= len(on_hung)
     assert stats.pending_invalidations == 0  # ...and replayed once it answered
-    assert health.state == "up" and health.marked_down == 1 and health.flushes == 1
-    assert outage < NODE_FAILURES * TIMEOUT * 3 + 2.0  # the rest failed fast
-    backend.close()
+    # It was flushed before anything read it again (how many times it went down and
+    # came back depends on the machine: each probe must be answered within TIMEOUT).
+    assert health.state == "up" and health.marked_down >= 1 and health.flushes >= 1
 
 
 @pytest.mark.parametrize("flush_on_join", [True, False], ids=["flush", "no-flush"])
 def test_a_server_that_was_down_is_flushed_before_anyone_reads_it(
-    servers: Servers, namespace: str, flush_on_join: bool
+    servers: Servers, pool: Pool, namespace: str, flush_on_join: bool
 ) -> None:
     """The writer that journaled the deletes exits before the server resumes; another
     process that saw the outage reads next. Only the flush keeps that read fresh; the
@@ -188,32 +226,47 @@ def test_a_server_that_was_down_is_flushed_before_anyone_reads_it(
     for row in rows.versions:
         rows.update(row)
         writer.delete(f"row:{row}")
-    writer_backend.close()  # the writer process exits: its journal is gone, so
-    with writer.journal._replaying:  # ... its replays stop (after any one in flight)
+    # The writer process exits: its journal is gone. On a loaded machine it may hold
+    # deletes for live servers too (timed out): those are lost whatever the flush does.
+    lost_elsewhere = {
+        row
+        for row in rows.versions
+        if (bkey := writer.backend_key(f"row:{row}")) in writer.journal.keys
+        and server_of(writer_backend, bkey) != hung.address
+    }
+    writer_backend.close()
+    with writer.journal._replaying:  # ... and its replays stop (after any one in flight)
         writer.journal.keys.clear()
     for row in rows.versions:  # the reader sees the outage too
         reader.get_or_load(f"row:{row}", lambda row=row: rows.load(row))
     hung.resume()
 
     wait_for_cooldown()
-    stale = stale_reads(reader, rows)
-    print(f"\nflush_on_join={flush_on_join}: stale reads by another process={len(stale)}")
+    deadline = time.monotonic() + EVENTUALLY
+    while reader_backend.node_health()[hung.address].state != "up":  # a probe per cool-down
+        reader.get_many([f"row:{row}" for row in rows.versions])
+        assert time.monotonic() < deadline, "the resumed server never rejoined"
+        time.sleep(0.05)
+    stale = set(stale_reads(reader, rows)) - lost_elsewhere
+    print(
+        f"\nflush_on_join={flush_on_join}: stale reads by another process={len(stale)} "
+        f"(+{len(lost_elsewhere)} whose deletes timed out on a live server)"
+    )
     if flush_on_join:
-        assert stale == []
-        assert reader_backend.node_health()[hung.address].flushes == 1
+        assert stale == set()
+        assert reader_backend.node_health()[hung.address].flushes >= 1
     else:
         assert len(stale) > 0.1 * ROWS  # the lost deletes are visible: the guard matters
-    reader_backend.close()
 
 
 # -- a killed server --------------------------------------------------------------------
 
 
 def test_a_killed_server_never_fails_a_caller_and_rejoins_empty(
-    servers: Servers, namespace: str
+    servers: Servers, pool: Pool, namespace: str
 ) -> None:
     members = start(servers, 3)
-    backend = pool(members)
+    backend = killable(pool, members)
     cache = Cache(backend, namespace=namespace, breaker=None)
     rows = Rows()
     view = cache.read_through(
@@ -266,13 +319,13 @@ def test_a_killed_server_never_fails_a_caller_and_rejoins_empty(
 
 
 def test_a_cache_wide_breaker_would_turn_one_dead_server_into_misses_everywhere(
-    servers: Servers, namespace: str
+    servers: Servers, pool: Pool, namespace: str
 ) -> None:
     """Why a pool's Cache wants ``breaker=None``: the per-server breakers already fail
     the dead server's keys fast, and a cache-wide one opens on them and drops the live
     servers' hits too. Measured on the same pool, with and without it."""
     members = start(servers, 3)
-    backend = pool(members)
+    backend = killable(pool, members)
     rows = Rows()
     caches = {
         "per-server only": Cache(backend, namespace=namespace + "a", breaker=None),
@@ -304,11 +357,11 @@ def test_a_cache_wide_breaker_would_turn_one_dead_server_into_misses_everywhere(
 
 
 def test_adding_a_fourth_server_moves_a_quarter_of_the_keys_and_none_read_stale(
-    servers: Servers, namespace: str
+    servers: Servers, pool: Pool, namespace: str
 ) -> None:
     members = start(servers, 4)
     first, fourth = members[:3], members[3]
-    backend = pool(first)
+    backend = killable(pool, first)  # no server fails here: generous timeouts
     cache = Cache(backend, namespace=namespace, breaker=None)
     keys = [f"k{i}" for i in range(10_000)]
     bkeys = [cache.backend_key(key) for key in keys]
@@ -334,15 +387,15 @@ def test_adding_a_fourth_server_moves_a_quarter_of_the_keys_and_none_read_stale(
     backend.close()
 
 
-def test_a_server_that_refuses_flush_all_does_not_join(servers: Servers) -> None:
+def test_a_server_that_refuses_flush_all_does_not_join(servers: Servers, pool: Pool) -> None:
     first = start(servers, 2)
     no_flush = start(servers, 1, "-F")[0]  # memcached -F: flush_all disabled
-    backend = pool(first)
+    backend = killable(pool, first)
     with pytest.raises(BackendUnavailable, match="refused flush_all"):
         backend.add_server(no_flush.address)
     assert no_flush.address not in backend.node_health()
     backend.close()
-    trusting = pool(first, flush_on_join=False)
+    trusting = pool(first, flush_on_join=False, timeout=RAW_TIMEOUT, connect_timeout=RAW_TIMEOUT)
     trusting.add_server(no_flush.address)  # the journal alone then guards it
     assert trusting.node_health()[no_flush.address].state == "up"
     trusting.close()

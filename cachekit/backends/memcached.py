@@ -15,13 +15,15 @@ from cachekit.backends.memcached_nodes import (
     _check_injected,
     _check_seconds,
     _client_options,
-    _Injected,
+    _Connections,
+    _Lent,
     _Nodes,
-    _Pool,
     _server_specs,
+    _Single,
 )
 from cachekit.backends.memcached_pool import NodeHealth, _Ring
 from cachekit.exceptions import BackendError, BackendTimeout, ConfigurationError, missing_dependency
+from cachekit.forks import renew_locks_in_child
 
 try:
     from pymemcache.client.base import Client, PooledClient
@@ -141,6 +143,9 @@ class _CasTokens:
         self._limit = limit
         self._tokens: dict[tuple[str, bytes], tuple[Any, bytes]] = {}
         self._lock = threading.Lock()
+        # A child keeps the parent's tokens: each still answers only for the item it was
+        # issued for (a cas with it fails once anyone else wrote the key).
+        renew_locks_in_child(self, "_lock")
 
     def remember(self, key: str, value: bytes, node: Any, token: bytes) -> None:
         with self._lock:
@@ -196,7 +201,8 @@ class MemcachedBackend:
             pymemcache ``Client``, ``PooledClient`` or ``HashClient`` to use as given
             and never close. A plain ``Client`` has one socket and is not
             thread-safe; a server list gives a thread-safe backend. Two or more
-            servers make a pool over a ``HashClient`` of pooled clients. A
+            servers make a pool (hashed as a ``HashClient`` hashes), each server with
+            its own connections (see ``pool_size``). A
             ``HashClient``'s own retry and dead-server settings are not used.
         timeout: seconds allowed for each command, when the backend builds the client.
         connect_timeout: seconds allowed for connecting, likewise.
@@ -205,6 +211,16 @@ class MemcachedBackend:
         flush_on_join: flush a pool server before it is used again after being down,
             and before an added server joins (``False``: rely on the Cache's journal
             alone, e.g. where ``flush_all`` is disabled or the servers are shared).
+        pool_size: connections kept open per server between calls, when the backend
+            builds the clients. A caller never waits for one: more concurrent callers
+            open more, and each surplus connection is closed when its call ends (like
+            SQLAlchemy's ``pool_size`` with unlimited overflow). Set it to the number
+            of threads that use the cache at once, so that busy periods reuse
+            connections instead of opening and closing one per call.
+
+    After ``os.fork()`` the child uses connections of its own: it closes its copies of
+    the inherited sockets (the parent's stay open, and nothing is sent on them), an
+    injected client's included, and reconnects on first use (see :mod:`cachekit.forks`).
 
     Raises:
         ConfigurationError: no servers, a malformed address, or an injected client
@@ -228,9 +244,11 @@ class MemcachedBackend:
         node_failures: int = 3,
         node_cooldown: float = 1.0,
         flush_on_join: bool = True,
+        pool_size: int = 16,
     ) -> None:
-        if not (isinstance(node_failures, int) and node_failures >= 1):
-            raise ConfigurationError(f"node_failures must be >= 1, got {node_failures!r}")
+        for name, count in (("node_failures", node_failures), ("pool_size", pool_size)):
+            if not (type(count) is int and count >= 1):
+                raise ConfigurationError(f"{name} must be an int >= 1, got {count!r}")
         _check_seconds("node_cooldown", node_cooldown)
         ring = partial(
             _Ring,
@@ -238,8 +256,9 @@ class MemcachedBackend:
             cooldown=node_cooldown,
             flush=bool(flush_on_join),
             routes=_MAX_ROUTES,
+            pool_size=pool_size,
         )
-        self._nodes = _nodes_for(servers, timeout, connect_timeout, ring)
+        self._nodes = _nodes_for(servers, timeout, connect_timeout, ring, pool_size)
         #: Whether failures are isolated per server (a pool), so that the Cache needs
         #: no breaker of its own.
         self.per_node_breakers = isinstance(self._nodes, _Ring)
@@ -463,6 +482,7 @@ def _nodes_for(
     timeout: float,
     connect_timeout: float,
     ring: Callable[..., _Ring],
+    pool_size: int,
 ) -> _Nodes:
     """The clients behind a MemcachedBackend: an injected client as given, else built.
 
@@ -476,12 +496,13 @@ def _nodes_for(
         return ring(servers, owned=False)
     if isinstance(servers, Client | PooledClient):
         _check_injected(servers, [servers])
-        return _Injected(servers)
+        return _Single(_Lent(servers))
     specs = _server_specs(servers)
     _check_seconds("timeout", timeout)
     _check_seconds("connect_timeout", connect_timeout)
     options = _client_options(timeout, connect_timeout)
     if len(specs) == 1:  # plain Clients: HashClient costs ~60% more a call
-        return _Pool(lambda: Client(specs[0], **options))
-    # use_pooling: each server gets a thread-safe PooledClient
-    return ring(HashClient(specs, use_pooling=True, **options), owned=True)
+        return _Single(_Connections(partial(Client, specs[0], **options), pool_size))
+    # Only the HashClient's hasher and client settings are used: each server gets a
+    # pool of plain Clients of its own (see _Ring).
+    return ring(HashClient(specs, **options), owned=True)

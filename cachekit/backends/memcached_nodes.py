@@ -7,9 +7,11 @@ from functools import partial
 from typing import Any, Final, Protocol, cast
 
 from cachekit.exceptions import ConfigurationError, missing_dependency
+from cachekit.forks import reset_in_child
 
 try:
-    from pymemcache.client.base import normalize_server_spec
+    from pymemcache.client.base import PooledClient, normalize_server_spec
+    from pymemcache.pool import ObjectPool
     from pymemcache.serde import LegacyWrappingSerde
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise missing_dependency("pymemcache", "memcached") from exc
@@ -50,19 +52,123 @@ class _Nodes(Protocol):
     def close(self) -> None: ...
 
 
-class _Pool:
-    """Plain Clients for one server, one per concurrent caller.
+class _Source(Protocol):
+    """Where one server's commands run: a pool of our own, or a caller's client.
+
+    ``run`` takes the ``_Nodes.run`` arguments, node included (a source serves one
+    server, so it ignores it): a single server's ``_Nodes.run`` is then the source's
+    own, one call frame less on every hit.
+    """
+
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any: ...
+    def close(self) -> None: ...
+
+
+class _Connections:
+    """Plain Clients for one server, one per concurrent caller; ``keep`` stay open.
 
     A pymemcache ``Client`` owns one socket and is not thread-safe: threads sharing
     one interleave their replies. ``PooledClient`` is safe but costs ~2 us a call in
     its lock and context manager; ``list.pop`` and ``list.append`` are atomic under
-    the GIL, so a free list costs ~0.1 us. The pool grows to peak concurrency.
+    the GIL, so a free list costs ~0.1 us. More concurrent callers than ``keep`` open
+    more sockets, and each surplus one is closed as its call ends (SQLAlchemy's
+    ``pool_size`` with unbounded overflow): callers never wait for a connection, and
+    between bursts at most ``keep`` sockets stay open. In a child process after
+    ``fork()`` every inherited client is forgotten (see :mod:`cachekit.forks`).
     """
 
-    def __init__(self, factory: Callable[[], Any]) -> None:
+    def __init__(self, factory: Callable[[], Any], keep: int) -> None:
         self._factory = factory
+        self._keep = keep
         self._idle: list[Any] = []
-        self._created: list[Any] = []
+        # Every client that may hold a socket, in use or idle: what close() closes.
+        self._open: set[Any] = set()
+        reset_in_child(self, _Connections._forget)
+
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
+        idle = self._idle
+        try:
+            client = idle.pop()
+        except IndexError:
+            client = self._factory()
+            self._open.add(client)
+        try:
+            return _bind(client, operation)(*args, **kwargs)
+        finally:
+            # pymemcache closes the socket on any error, so the client reconnects
+            # on its next use and is safe to reuse.
+            idle.append(client)
+            if len(idle) > self._keep:
+                self._trim(idle)
+
+    def _trim(self, idle: list[Any]) -> None:
+        # Not "append if short": two callers could both see room. Each caller trims
+        # after appending, so once the callers are done at most ``keep`` are idle.
+        while len(idle) > self._keep:
+            try:
+                surplus = idle.pop()
+            except IndexError:  # another caller took the last one meanwhile
+                break
+            self._open.discard(surplus)
+            surplus.close()
+
+    @property
+    def connections(self) -> int:
+        """Clients that may hold an open socket (idle or in use)."""
+        return len(self._open)
+
+    def close(self) -> None:
+        for client in list(self._open):
+            client.close()
+
+    def _forget(self) -> None:
+        """In a fork child: the parent's clients are not ours to use. ``Client.close``
+        only closes this process's file descriptor: nothing is sent to the server."""
+        clients = list(self._open)
+        self._idle = []
+        self._open = set()
+        for client in clients:
+            client.close()
+
+
+class _Lent:
+    """A caller's ``Client`` or ``PooledClient``, used as given and never closed; in a
+    child process after ``fork()`` it drops its inherited connections."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        reset_in_child(self, _Lent._forget)
+
+    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
+        return _bind(self.client, operation)(*args, **kwargs)
+
+    def close(self) -> None:
+        """The caller owns the client."""
+
+    def _forget(self) -> None:
+        client = self.client
+        if not isinstance(client, PooledClient):
+            client.close()  # closes this process's descriptor; reconnects on next use
+            return
+        # The pool's lock may be held by a thread that does not exist here, so neither
+        # it nor ``clear()`` may be used: read the members, and swap in a new pool.
+        inherited = client.client_pool
+        for member in (*inherited.used, *inherited.free):
+            member.close()
+        client.client_pool = ObjectPool(
+            client._create_client,
+            after_remove=lambda member: member.close(),
+            max_size=inherited.max_size,
+            idle_timeout=inherited.idle_timeout,
+        )
+
+
+class _Single:
+    """One server: every key goes to it."""
+
+    def __init__(self, source: _Source) -> None:
+        self.source = source
+        self.run = source.run
 
     def node_for(self, key: str) -> Any:
         return None
@@ -70,41 +176,8 @@ class _Pool:
     def group(self, keys: Iterable[str]) -> dict[Any, list[str]]:
         return {None: list(keys)}
 
-    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
-        try:
-            client = self._idle.pop()
-        except IndexError:
-            client = self._factory()
-            self._created.append(client)
-        try:
-            return _bind(client, operation)(*args, **kwargs)
-        finally:
-            # pymemcache closes the socket on any error, so the client reconnects
-            # on its next use and is safe to reuse.
-            self._idle.append(client)
-
     def close(self) -> None:
-        for client in self._created:
-            client.close()
-
-
-class _Injected:
-    """A caller's ``Client`` or ``PooledClient``, used as given and never closed."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def node_for(self, key: str) -> Any:
-        return self._client
-
-    def group(self, keys: Iterable[str]) -> dict[Any, list[str]]:
-        return {self._client: list(keys)}
-
-    def run(self, node: Any, operation: _Operation, *args: Any, **kwargs: Any) -> Any:
-        return _bind(node, operation)(*args, **kwargs)
-
-    def close(self) -> None:
-        """The caller owns the client."""
+        self.source.close()
 
 
 def _server_specs(servers: str | Sequence[str]) -> list[Any]:

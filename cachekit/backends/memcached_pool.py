@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Literal
 
-from cachekit.backends.memcached_nodes import _bind, _Operation
+from cachekit.backends.memcached_nodes import _Connections, _Lent, _Operation, _Source
 from cachekit.exceptions import BackendUnavailable, ConfigurationError, missing_dependency
+from cachekit.forks import renew_locks_in_child
 
 try:
     from pymemcache.client.base import PooledClient
@@ -47,7 +48,7 @@ class NodeHealth:
 
 
 class _Node:
-    """One pool server: its client, and a circuit breaker of its own.
+    """One pool server: where its commands run, and a circuit breaker of its own.
 
     Up, calls go through. ``failures`` consecutive calls that got no answer (refused,
     timed out, connection closed) mark it down: calls for its keys then fail at once
@@ -57,11 +58,18 @@ class _Node:
     """
 
     def __init__(
-        self, name: str, client: Any, failures: int, cooldown: float, timer: Callable[[], float]
+        self,
+        name: str,
+        source: _Source,
+        server: Any,
+        *,
+        failures: int,
+        cooldown: float,
+        timer: Callable[[], float],
     ) -> None:
         self.name = name
-        self.client = client
-        self.server = client.server
+        self.source = source
+        self.server = server
         self.state: _State = "up"
         self.consecutive = 0
         self.marked_down = 0
@@ -72,6 +80,7 @@ class _Node:
         self._timer = timer
         self._down_at = 0.0
         self._lock = threading.Lock()
+        renew_locks_in_child(self, "_lock")
 
     def admit(self) -> bool:
         """True: call the server. False: this caller is the probe and must check it first.
@@ -164,7 +173,10 @@ class _Ring:
 
     Batches are grouped by server and sent to that server's client
     (``HashClient.delete_many`` would make one round trip per key). At most ``routes``
-    key-to-server routes are remembered (see :class:`_Members`).
+    key-to-server routes are remembered (see :class:`_Members`). An ``owned`` ring
+    runs each server's commands on plain Clients of its own, at most ``pool_size``
+    kept open per server (see :class:`_Connections`); a caller's HashClient's clients
+    are used as given.
     """
 
     def __init__(
@@ -176,15 +188,31 @@ class _Ring:
         cooldown: float,
         flush: bool,
         routes: int,
+        pool_size: int,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._owned = owned
         self._flush = flush
+        self._pool_size = pool_size
         self._node = partial(_Node, failures=failures, cooldown=cooldown, timer=timer)
-        nodes = {name: self._node(name, node) for name, node in client.clients.items()}
+        nodes = {name: self._node_for(name, node) for name, node in client.clients.items()}
         self.members = _Members(type(client.hasher), nodes, routes)
         self._lock = threading.Lock()
+        renew_locks_in_child(self, "_lock")
+
+    def _node_for(self, name: str, client: Any) -> _Node:
+        """The node for one of the HashClient's clients: used as given if the caller's,
+        else only a template for the plain Clients of the node's own pool."""
+        source: _Source
+        if self._owned:
+            factory = partial(
+                self._client.client_class, client.server, **self._client.default_kwargs
+            )
+            source = _Connections(factory, self._pool_size)
+        else:
+            source = _Lent(client)
+        return self._node(name, source, client.server)
 
     def node_for(self, key: str) -> _Node:
         return self.members.node_for(key)
@@ -200,7 +228,7 @@ class _Ring:
         if node.state != "up" and not node.admit():
             self.probe(node)
         try:
-            result = _bind(node.client, operation)(*args, **kwargs)
+            result = node.source.run(node, operation, *args, **kwargs)
         except _UNANSWERED:
             node.unanswered()
             raise
@@ -219,9 +247,9 @@ class _Ring:
         refusal: MemcacheError | None = None
         try:
             if self._flush:
-                answered = bool(node.client.flush_all(noreply=False))
+                answered = bool(node.source.run(node, "flush_all", noreply=False))
             else:
-                answered = bool(node.client.version())
+                answered = bool(node.source.run(node, "version"))
         except _UNANSWERED:
             node.probe_failed()
             raise
@@ -258,11 +286,12 @@ class _Ring:
             )
             if ring.use_pooling:
                 client.client_class = ring.client_class
-            node = self._node(name, client)
+            node = self._node_for(name, client)
             node.state = "probing"  # nobody can reach it before it has joined
             try:
                 self.probe(node)
             except BaseException:
+                node.source.close()
                 client.close()
                 raise
             ring.clients[name] = client
@@ -276,6 +305,6 @@ class _Ring:
         return {name: node.health() for name, node in self.members.nodes.items()}
 
     def close(self) -> None:
-        if self._owned:
-            for node in self.members.nodes.values():
-                node.client.close()
+        """Close the owned pools; a caller's clients stay open."""
+        for node in self.members.nodes.values():
+            node.source.close()

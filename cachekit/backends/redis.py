@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Final
 
 from cachekit.backends.base import MISSING, KeyPolicy
+from cachekit.backends.redis_persistence import warn_if_persistent
 from cachekit.exceptions import (
     BackendError,
     BackendTimeout,
     ConfigurationError,
     missing_dependency,
 )
+from cachekit.forks import reset_in_child
 from cachekit.keys import encode_key
 
 try:
@@ -54,6 +57,7 @@ return 1
 
 # RedisClusterException (no slot covered, no node reachable...) is not a RedisError.
 _DRIVER_ERRORS: Final = (redis.exceptions.RedisError, RedisClusterException, OSError)
+_RLOCK: Final = type(threading.RLock())
 
 
 def _px(ttl: float) -> int:
@@ -86,6 +90,15 @@ class RedisBackend:
     backoff by default, which can hold a cache read for seconds when the server is
     down; :meth:`from_url` builds a client with short timeouts and no retries.
 
+    On its first successful write the backend asks each server (``CONFIG GET``, one
+    round trip, once) whether it persists data, and logs a warning if so: a Redis that
+    reloads a snapshot after a crash brings back entries deleted since (see
+    :mod:`cachekit.backends.redis_persistence`). Reads never pay for the check.
+
+    After ``os.fork()``, redis-py's pools open new connections in the child; the
+    backend also gives them (and a cluster client's routing tables) new locks there,
+    since a lock another thread held at the fork would block the child's first call.
+
     Args:
         client: a ``redis.Redis`` or ``redis.RedisCluster`` with
             ``decode_responses=False``; values must come back as bytes.
@@ -107,6 +120,9 @@ class RedisBackend:
         self._owns_client = False
         self._compare_and_set = client.register_script(_COMPARE_AND_SET)
         self._compare_and_delete = client.register_script(_COMPARE_AND_DELETE)
+        # Taken, never released, by the one caller that checks persistence.
+        self._persistence_unchecked: threading.Lock | None = threading.Lock()
+        reset_in_child(self, RedisBackend._renew_driver_locks)
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.1) -> RedisBackend:
@@ -160,6 +176,8 @@ class RedisBackend:
             self.client.set(encode_key(key), value, px=px)
         except _DRIVER_ERRORS as exc:
             raise _wrap("SET", exc) from exc
+        if self._persistence_unchecked is not None:
+            self._check_persistence()
 
     def set_many(self, items: Mapping[str, Any], ttl: float | None) -> None:
         if not items:
@@ -176,12 +194,16 @@ class RedisBackend:
                 pipe.execute()
         except _DRIVER_ERRORS as exc:
             raise _wrap("MSET" if ttl is None else "SET pipeline", exc) from exc
+        if self._persistence_unchecked is not None:
+            self._check_persistence()
 
     def delete(self, key: str) -> None:
         try:
             self.client.delete(encode_key(key))
         except _DRIVER_ERRORS as exc:
             raise _wrap("DEL", exc) from exc
+        if self._persistence_unchecked is not None:
+            self._check_persistence()
 
     def delete_many(self, keys: Sequence[str]) -> None:
         if not keys:
@@ -190,6 +212,8 @@ class RedisBackend:
             self.client.delete(*[encode_key(key) for key in keys])
         except _DRIVER_ERRORS as exc:
             raise _wrap("DEL", exc) from exc
+        if self._persistence_unchecked is not None:
+            self._check_persistence()
 
     def add(self, key: str, value: Any, ttl: float | None) -> bool:
         px = None if ttl is None else _px(ttl)
@@ -197,6 +221,8 @@ class RedisBackend:
             stored = self.client.set(encode_key(key), value, px=px, nx=True)
         except _DRIVER_ERRORS as exc:
             raise _wrap("SET NX", exc) from exc
+        if self._persistence_unchecked is not None:
+            self._check_persistence()
         return bool(stored)
 
     def compare_and_set(self, key: str, expected: Any, value: Any, ttl: float | None) -> bool:
@@ -218,6 +244,8 @@ class RedisBackend:
             results = pipe.execute()
         except _DRIVER_ERRORS as exc:
             raise _wrap("SET NX pipeline", exc) from exc
+        if self._persistence_unchecked is not None:
+            self._check_persistence()
         return {key for key, ok in zip(items, results, strict=True) if ok}
 
     def compare_and_set_many(
@@ -246,6 +274,50 @@ class RedisBackend:
         """Close the client if :meth:`from_url` created it; an injected one stays open."""
         if self._owns_client:
             self.client.close()
+
+    def _check_persistence(self) -> None:
+        """Warn once if a server persists data; called after a write that reached it,
+        so a dead server costs no extra timeout. Never raises."""
+        unchecked = self._persistence_unchecked
+        if unchecked is None or not unchecked.acquire(blocking=False):
+            return  # checked, or another caller is checking
+        self._persistence_unchecked = None
+        client = self.client
+        if isinstance(client, RedisCluster):
+            primaries = [
+                n for n in client.nodes_manager.nodes_cache.values() if n.server_type == "primary"
+            ]
+            nodes = [(n.name, client.get_redis_connection(n)) for n in primaries]
+        else:
+            kwargs = client.connection_pool.connection_kwargs
+            name = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+            nodes = [(str(name), client)]
+        warn_if_persistent(nodes)
+
+    def _renew_driver_locks(self) -> None:
+        """In a fork child: new locks for redis-py's pools and a cluster's routing.
+
+        redis-py resets a pool in the child on its first use, but (as of 8.1) takes the
+        pool's lock to do it, and a cluster client's node lookup takes its routing lock
+        on every keyed command: one held by another parent thread at the fork would
+        never be released. Only attributes redis-py has are renewed, with their kind.
+        """
+        client = self.client
+        if isinstance(client, RedisCluster):
+            holders: list[Any] = [client, client.nodes_manager]
+            holders.append(getattr(client.nodes_manager, "read_load_balancer", None))
+            for node in list(client.nodes_manager.nodes_cache.values()):
+                if node.redis_connection is not None:
+                    holders.append(node.redis_connection.connection_pool)
+        else:
+            holders = [client.connection_pool]
+        for holder in holders:
+            for name in ("_lock", "_fork_lock", "_initialization_lock"):
+                old = getattr(holder, name, None)
+                if old is not None:
+                    setattr(
+                        holder, name, threading.RLock() if type(old) is _RLOCK else threading.Lock()
+                    )
 
     def _run_script_many(self, script: Script, calls: list[tuple[bytes, list[Any]]]) -> list[Any]:
         """Run a one-key script once per ``(key, args)`` in one pipeline (one per node on
