@@ -38,7 +38,7 @@ A server that brings old data *back* is another matter: a Redis with RDB/AOF
 persistence that restarts from a snapshot restores entries deleted after it was taken
 (see the README's section on persistence).
 
-Every coordination key expires (tokens within twice the cache's TTL, or a day with
+Every coordination key expires (tokens at twice the cache's TTL, or two days with
 ``ttl=None``; the epoch a day after its last change), so idle namespaces leave nothing
 behind; an expiry is a loss like any other and costs only reloads.
 """

@@ -15,7 +15,8 @@ Replays happen on two schedules, each at most once per ``retry`` seconds:
   breaker. A process that only writes, or that is idle, still replays.
 
 The bound that holds: once the server answers again, another process reading it can
-see an old entry for at most ``retry`` (0.2 s) plus one server timeout, as long as the
+see an old entry for at most ``retry`` (0.2 s) plus one server timeout (on a memcached
+pool, up to its ``node_cooldown``), as long as the
 process that journaled the invalidation is alive. A process that exits with a
 non-empty journal tries one last replay and, if that fails, logs a WARNING with the
 number lost. Past ``limit`` keys the journal refuses more, and the failed invalidation

@@ -157,20 +157,6 @@ def test_a_set_the_server_misses_never_leaves_the_old_value(namespace: str, brea
     assert cache.get("price") == 12
 
 
-@pytest.mark.parametrize("many", [False, True])
-def test_storing_none_with_negative_caching_off_removes_the_old_value(
-    backend: Backend, namespace: str, many: bool
-) -> None:
-    cache = Cache(backend, namespace=namespace, none_ttl=0)
-    cache.set("k", "old")
-    if many:
-        cache.set_many({"k": None, "other": 1})
-    else:
-        cache.set("k", None)
-    assert cache.get("k") is MISSING
-    assert cache.get_or_load("k", lambda: "new") == "new"
-
-
 def test_a_fill_interrupted_mid_call_leaves_no_lease_to_wait_out(namespace: str) -> None:
     class Interrupting(CountingBackend):
         interrupt = True

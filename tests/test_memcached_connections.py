@@ -121,6 +121,9 @@ def burst(backend: MemcachedBackend, server: Counted, key: str) -> int:
     for caller in callers:
         caller.start()
     connected.wait()
+    # Every caller got its reply, but the server's count may lag a connection it has
+    # not yet accounted for: wait for it (the callers hold on until released).
+    eventually(lambda: server.clients() >= BURST)
     during = server.clients()
     release.wait()
     for caller in callers:

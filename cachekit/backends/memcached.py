@@ -193,8 +193,8 @@ class MemcachedBackend:
     ``flush_on_join`` the probe is ``flush_all``, so a server that was down, and may
     hold entries whose deletes it missed, is emptied before anything reads it. A
     server added with :meth:`add_server` is flushed before it joins, too. Because the
-    pool isolates failures per server, give its Cache ``breaker=None``: a cache-wide
-    breaker would turn one dead server into misses on all of them.
+    pool isolates failures per server, a Cache over a pool gets no cache-wide breaker
+    by default: one would turn one dead server into misses on all of them.
 
     Args:
         servers: ``"host:port"`` (or a list of them; ``unix:/path`` works too), or a

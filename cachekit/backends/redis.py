@@ -79,11 +79,12 @@ def _wrap(operation: str, exc: Exception) -> BackendError:
 class RedisBackend:
     """Stores bytes in Redis (standalone or cluster) through an injected client.
 
-    Every method is a single round trip: ``get_many`` is one ``MGET``, ``set_many`` one
-    pipeline (or ``MSET`` without a TTL), ``delete_many`` one ``DEL``. On a
-    ``RedisCluster`` the batch calls split by hash slot, one round trip per node (the
-    first ``compare_and_set_many`` to reach a node without the script takes two more:
-    ``SCRIPT LOAD`` on every primary, then the refused calls again).
+    Every method is a single round trip once the server has the compare-and-set script:
+    ``get_many`` is one ``MGET``, ``set_many`` one pipeline (or ``MSET`` without a TTL),
+    ``delete_many`` one ``DEL``. On a ``RedisCluster`` the batch calls split by hash
+    slot, one round trip per node. The first compare-and-set to reach a server (or
+    node) without the script takes two more: it is refused (``NOSCRIPT``), the script
+    is loaded, and the call is sent again.
 
     The client is used as given: its timeouts and retry policy apply. redis-py's
     ``Redis(...)`` constructor retries failed commands 10 times with exponential
