@@ -44,7 +44,7 @@ __all__ = ["Template", "canonical_decimal", "encode", "quote", "render"]
 # Decimal digits of one chunk when an int is too long for str() (sys.set_int_max_str_digits
 # may be as low as 640); the text is the same decimal either way.
 _CHUNK = 500
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.<>]*")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.<>@]*")
 _TYPE_NAMES: dict[type, str] = {}
 _TYPE_NAMES_KEPT = 1024
 
@@ -126,11 +126,50 @@ def _type_name(kind: type) -> str:
     name = _TYPE_NAMES.get(kind)
     if name is None:
         name = f"{kind.__module__}.{kind.__qualname__}"
+        if "<locals>" in kind.__qualname__:  # a factory may make two under one name
+            name += _defined_at(kind)
         if not _NAME.fullmatch(name):
             name = quote(name)
         if len(_TYPE_NAMES) < _TYPE_NAMES_KEPT:  # bounded: classes made at run time
             _TYPE_NAMES[kind] = name
     return name
+
+
+def _defined_at(kind: type) -> str:
+    """What tells a class made inside a function from its namesakes: the line of the
+    first method of its own body or, without one, its bases and own attribute values.
+
+    Raises:
+        KeyEncodingError: it has an attribute with no stable encoding, and no method.
+    """
+    lines = []
+    for member in vars(kind).values():
+        function = member
+        for _ in range(8):  # through classmethod/staticmethod and decorators' wrappers
+            function = getattr(function, "__func__", None) or getattr(
+                function, "__wrapped__", function
+            )
+        code = getattr(function, "__code__", None)
+        # Generated code (a dataclass's __init__, from "<string>") tells nothing.
+        if (
+            code is not None
+            and not code.co_filename.startswith("<")
+            and function.__qualname__.startswith(kind.__qualname__ + ".")
+        ):
+            lines.append(int(code.co_firstlineno))
+    if lines:
+        return f"@{min(lines)}"
+    bases = ",".join(_type_name(base) for base in kind.__bases__)
+    own = sorted((k, v) for k, v in vars(kind).items() if not k.startswith("__"))
+    try:
+        attributes = ",".join(f"{k}={_encode(v)}" for k, v in own)
+    except KeyEncodingError:
+        raise KeyEncodingError(
+            f"{kind.__qualname__} is defined inside a function, and neither a method nor its"
+            " attributes tell it from another class of that name: define it at module"
+            " level, or give it a __cache_key__ method"
+        ) from None
+    return f"<{bases};{attributes}>"
 
 
 def _tagged(kind: type, items: list[str]) -> str:

@@ -3,7 +3,9 @@
 A default key is ``module.qualname:`` and the canonical encoding of every bound
 argument (:mod:`cachekit.keycodec`), ``self`` and ``cls`` included, so two instances
 or a subclass never share an entry by accident; a closure's captured values are part
-of the prefix, so two closures from one factory never share one either. Keys are
+of the prefix, so two closures from one factory never share one either, and so is the
+line of a nested function's definition, so two functions a factory defines under one
+name do not. Keys are
 built without ``inspect.Signature.bind`` whenever a call passes exactly the declared
 positional parameters (the common case); any other call shape binds once, fills in
 defaults, and yields the same key.
@@ -70,7 +72,7 @@ class KeyMaker:
                     f"{func!r} has no qualified name to key by (a partial, or a callable"
                     " object): pass key= to @cache.cached, or decorate a function"
                 )
-            self.prefix += _closure_text(func)
+            self.prefix += _definition_text(func) + _closure_text(func)
         self.prefix += ":"
 
     def tags_of(
@@ -148,6 +150,15 @@ class KeyMaker:
                     )
                 return KeyEncodingError(f"cannot key {where}: argument {name!r}: {inner}; {fix}")
         return KeyEncodingError(f"cannot key {where}: {exc}; {_FIX}")
+
+
+def _definition_text(func: Callable[..., Any]) -> str:
+    """For a function defined inside another, the line of its definition: two functions
+    a factory defines under one name (in the branches of an ``if``) share a qualname."""
+    code = getattr(func, "__code__", None)
+    if "<locals>" not in func.__qualname__ or code is None:
+        return ""
+    return f"@{code.co_firstlineno}"
 
 
 def _closure_text(func: Callable[..., Any]) -> str:

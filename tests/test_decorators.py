@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy
 import pytest
@@ -36,7 +37,8 @@ def test_positional_keyword_and_default_calls_share_one_entry(cache: Cache) -> N
     assert get_user(7) == get_user(user_id=7) == get_user(7, 1) == get_user(version=1, user_id=7)
     assert calls == [(7, 1)]
     # A closure: what it captures at decoration (calls, still empty) is part of the key.
-    assert get_user.key(7) == f"{__name__}.{get_user.__qualname__}{{'calls':[]}}:7,1"
+    line = get_user.__wrapped__.__code__.co_firstlineno  # a nested function: its line too
+    assert get_user.key(7) == f"{__name__}.{get_user.__qualname__}@{line}{{'calls':[]}}:7,1"
     assert cache.get(get_user.key(user_id=7)) == {"id": 7, "version": 1}
     get_user(7, 2)
     assert calls == [(7, 1), (7, 2)]
@@ -175,9 +177,10 @@ def test_methods_key_self_by_its_cache_key_and_bind_their_controls() -> None:
     repo = Repo("a")
     assert repo.get(1) == repo.get(user_id=1) == "a:1"
     assert repo.calls == 1
+    line = Repo.get.__wrapped__.__code__.co_firstlineno  # nested: the definition's line
     assert (
         repo.get.key(1)
-        == f"{__name__}.{Repo.get.__qualname__}:{__name__}.{Repo.__qualname__}('a'),1"
+        == f"{__name__}.{Repo.get.__qualname__}@{line}:{__name__}.{Repo.__qualname__}@{line}('a'),1"
     )
     assert Repo("a").get(1) == "a:1" and Repo("b").get(1) == "b:1"  # state, not identity
     repo.get.invalidate(1)
@@ -454,3 +457,41 @@ def forget(client: redis.Redis, namespace: str) -> None:
     keys = list(client.scan_iter(match=namespace + ":*"))
     if keys:
         client.delete(*keys)
+
+
+def test_namesakes_a_factory_defines_never_share_entries(cache: Cache) -> None:
+    """Functions and classes made under one name in one function, no closure involved."""
+
+    def make(kind: str) -> Any:
+        if kind == "double":
+
+            @cache.cached()
+            def apply(x: int) -> int:
+                return x * 2
+
+        else:
+
+            @cache.cached()
+            def apply(x: int) -> int:
+                return x * 3
+
+        return apply
+
+    double, triple = make("double"), make("triple")
+    assert double(5) == 10 and triple(5) == 15
+
+    def unit(name: str) -> type:
+        @dataclasses.dataclass(frozen=True)
+        class Length:
+            value: int
+            unit: ClassVar[str] = name
+
+        return Length
+
+    metres, feet = unit("m"), unit("ft")
+
+    @cache.cached()
+    def show(length: Any) -> str:
+        return f"{length.value}{length.unit}"
+
+    assert show(metres(1)) == "1m" and show(feet(1)) == "1ft"
