@@ -250,3 +250,25 @@ def test_pool_size_is_checked(memcached_server: tuple[str, int]) -> None:
     for bad in (0, -1, 1.5, True, "4"):
         with pytest.raises(ConfigurationError, match="pool_size"):
             MemcachedBackend(address, pool_size=bad)  # type: ignore[arg-type]
+
+
+def test_a_call_interrupted_before_its_reply_leaves_no_reply_for_the_next(
+    memcached_server: tuple[str, int], backends: Callable[..., MemcachedBackend], namespace: str
+) -> None:
+    """A KeyboardInterrupt between a request and its reply: the next caller on that
+    connection must not read the old reply as its own."""
+    host, port = memcached_server
+    backend = backends(f"{host}:{port}", pool_size=1)
+    backend.set(f"{namespace}:a", b"reply for a", 60)
+    backend.set(f"{namespace}:b", b"reply for b", 60)
+
+    def interrupted(client: Any) -> None:
+        client.get(f"{namespace}:b")  # connect first
+        client.sock.sendall(f"get {namespace}:a\r\n".encode())  # the request went out...
+        raise KeyboardInterrupt  # ...and the caller was interrupted before the reply
+
+    node = backend._nodes.node_for(f"{namespace}:a")
+    with pytest.raises(KeyboardInterrupt):
+        backend._nodes.run(node, interrupted)
+    assert backend.get(f"{namespace}:b") == b"reply for b"
+    assert backend.get_many([f"{namespace}:b"]) == {f"{namespace}:b": b"reply for b"}

@@ -94,9 +94,14 @@ class _Connections:
             self._open.add(client)
         try:
             return _bind(client, operation)(*args, **kwargs)
+        except BaseException as exc:
+            # pymemcache closes the socket on an Exception; an interrupt (KeyboardInterrupt,
+            # a signal handler's exception) may leave a reply unread on it, which the next
+            # caller would take for its own: close it here, so the client reconnects.
+            if not isinstance(exc, Exception):
+                client.close()
+            raise
         finally:
-            # pymemcache closes the socket on any error, so the client reconnects
-            # on its next use and is safe to reuse.
             idle.append(client)
             if len(idle) > self._keep:
                 self._trim(idle)
