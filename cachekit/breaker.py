@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from cachekit.backends.base import Backend, KeyPolicy
 from cachekit.exceptions import BackendError, BackendUnavailable, ConfigurationError
-from cachekit.forks import renew_locks_in_child
+from cachekit.forks import renew_locks_in_child, reset_in_child
 
 __all__ = ["BreakerBackend", "CircuitBreaker"]
 
@@ -54,6 +54,14 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._lock = threading.Lock()
         renew_locks_in_child(self, "_lock")  # a child inherits the state, not a held lock
+        reset_in_child(self, CircuitBreaker._probe_lost_in_fork)
+
+    def _probe_lost_in_fork(self) -> None:
+        # A probe in flight in another thread does not exist in a child: without this,
+        # the child's breaker would stay half-open, refusing every call, for good.
+        if self.state == "half-open":
+            self.state = "open"
+            self._opened_at = float("-inf")  # the child's next call probes
 
     def allow(self) -> bool:
         """Whether a call may go to the server now (at most one probe when half-open)."""

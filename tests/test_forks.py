@@ -22,6 +22,7 @@ from pymemcache.client.hash import HashClient
 from cachekit import MISSING, Cache
 from cachekit.backends.base import Backend
 from cachekit.backends.memcached import MemcachedBackend
+from cachekit.backends.memcached_pool import _Node
 from cachekit.backends.memory import MemoryBackend
 from cachekit.backends.redis import RedisBackend
 from cachekit.breaker import CircuitBreaker
@@ -264,3 +265,22 @@ def test_an_injected_memcached_client_works_in_forked_children(
     finally:
         backend.close()
         client.close()
+
+
+def test_a_probe_in_flight_at_fork_time_does_not_cut_the_child_off() -> None:
+    """Another thread of the parent was probing: that thread does not exist in a child,
+    so the child must probe on its own instead of waiting for it forever."""
+    clock = [0.0]
+    breaker = CircuitBreaker(failures=1, cooldown=1.0, timer=lambda: clock[0])
+    node = _Node("n", object(), object(), failures=1, cooldown=1.0, timer=lambda: clock[0])
+    breaker.failed()
+    node.unanswered()
+    clock[0] = 5.0
+    assert breaker.allow() and breaker.state == "half-open"  # a probe is in flight
+    assert node.admit() is False and node.state == "probing"  # this caller probes it
+
+    def child(_: int) -> list[bool]:
+        return [breaker.allow(), node.admit() is False]  # each: this call is the probe
+
+    _, children = in_children(child, 2, deadline=20.0)
+    assert children == [("ok", [True, True])] * 2  # (results come back as JSON lists)

@@ -12,7 +12,7 @@ from typing import Any, Final, Literal
 
 from cachekit.backends.memcached_nodes import _Connections, _Lent, _Operation, _Source
 from cachekit.exceptions import BackendUnavailable, ConfigurationError, missing_dependency
-from cachekit.forks import renew_locks_in_child
+from cachekit.forks import renew_locks_in_child, reset_in_child
 
 try:
     from pymemcache.client.base import PooledClient
@@ -81,6 +81,14 @@ class _Node:
         self._down_at = 0.0
         self._lock = threading.Lock()
         renew_locks_in_child(self, "_lock")
+        reset_in_child(self, _Node._probe_lost_in_fork)
+
+    def _probe_lost_in_fork(self) -> None:
+        # A probe (or a join) in flight in another thread does not exist in a child:
+        # without this, the child would treat this server as being probed forever.
+        if self.state == "probing":
+            self.state = "down"
+            self._down_at = float("-inf")  # the child's next call probes it
 
     def admit(self) -> bool:
         """True: call the server. False: this caller is the probe and must check it first.
