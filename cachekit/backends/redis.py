@@ -94,7 +94,8 @@ class RedisBackend:
     On its first successful write the backend asks each server (``CONFIG GET``, one
     round trip, once) whether it persists data, and logs a warning if so: a Redis that
     reloads a snapshot after a crash brings back entries deleted since (see
-    :mod:`cachekit.backends.redis_persistence`). Reads never pay for the check.
+    :mod:`cachekit.backends.redis_persistence`). Hits never pay for the check; the first
+    write, which may be a miss's lease, pays that one round trip.
 
     After ``os.fork()``, redis-py's pools open new connections in the child; the
     backend also gives them (and a cluster client's routing tables) new locks there,
