@@ -172,6 +172,15 @@ def _defined_at(kind: type) -> str:
     return f"<{bases};{attributes}>"
 
 
+def _enum_member(value: enum.Enum) -> str:
+    """A member by name; an unnamed flag combination (``Flag(0)``) by its value."""
+    try:
+        name = value.name
+    except AttributeError:  # a pseudo-member of a Flag with boundary=KEEP
+        name = None
+    return quote(name) if isinstance(name, str) else _encode(value.value)
+
+
 def _tagged(kind: type, items: list[str]) -> str:
     return f"{_type_name(kind)}({','.join(items)})"
 
@@ -249,7 +258,7 @@ _EXACT: dict[type, Callable[[Any], str]] = {
 }
 # Checked in order, after the exact types and __cache_key__.
 _BY_BASE: tuple[tuple[type, Callable[[Any], str]], ...] = (
-    (enum.Enum, lambda value: _tagged(type(value), [quote(value.name)])),
+    (enum.Enum, lambda value: _tagged(type(value), [_enum_member(value)])),
     (type, lambda value: f"type({quote(_type_name(value))})"),
     (pathlib.PurePath, lambda value: _tagged(type(value), [quote(str(value))])),
 )

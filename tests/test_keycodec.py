@@ -267,3 +267,17 @@ def test_keys_are_the_same_under_every_hash_seed() -> None:
         )
         texts.add(child.stdout)
     assert len(texts) == 1, texts
+
+
+def test_unnamed_flag_values_have_a_key_of_their_own() -> None:
+    import enum
+
+    class Perm(enum.Flag):
+        READ = 1
+        WRITE = 2
+
+    class Wide(enum.IntFlag, boundary=enum.KEEP):
+        ONE = 1
+
+    texts = {encode(Perm(0)), encode(Perm.READ), encode(Perm.READ | Perm.WRITE), encode(Wide(8))}
+    assert len(texts) == 4
