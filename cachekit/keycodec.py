@@ -162,7 +162,8 @@ def _defined_at(kind: type) -> str:
     bases = ",".join(_type_name(base) for base in kind.__bases__)
     own = sorted((k, v) for k, v in vars(kind).items() if not k.startswith("__"))
     try:
-        attributes = ",".join(f"{k}={_encode(v)}" for k, v in own)
+        # An enum's members are instances of the class being named: by name only.
+        attributes = ",".join(k if isinstance(v, kind) else f"{k}={_encode(v)}" for k, v in own)
     except KeyEncodingError:
         raise KeyEncodingError(
             f"{kind.__qualname__} is defined inside a function, and neither a method nor its"
