@@ -160,7 +160,7 @@ def _defined_at(kind: type) -> str:
     if lines:
         return f"@{min(lines)}"
     bases = ",".join(_type_name(base) for base in kind.__bases__)
-    own = sorted((k, v) for k, v in vars(kind).items() if not k.startswith("__"))
+    own = sorted((k, v) for k, v in vars(kind).items() if not k.startswith("_"))
     try:
         # An enum's members are instances of the class being named: by name only.
         attributes = ",".join(k if isinstance(v, kind) else f"{k}={_encode(v)}" for k, v in own)
