@@ -5,6 +5,7 @@ Run on SQLite and PostgreSQL, on the in-process backend and the real Redis.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy
 import pytest
-from sqlalchemy import Numeric, String
+from sqlalchemy import CHAR, DateTime, Numeric, String, Uuid
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from cachekit import Cache
@@ -114,3 +115,52 @@ def test_integer_keys_of_one_row_are_one_key(cache: Cache, db: Database) -> None
         with pytest.raises(error):
             repo.invalidate([bad])
     repo.close()
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(Uuid(as_uuid=False), primary_key=True)
+    label: Mapped[str] = mapped_column(String(20))
+
+
+class Code(Base):
+    __tablename__ = "codes"
+
+    code: Mapped[str] = mapped_column(CHAR(4), primary_key=True)
+    label: Mapped[str] = mapped_column(String(20))
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    label: Mapped[str] = mapped_column(String(20))
+
+
+def test_spellings_the_database_takes_as_equal_are_one_key(cache: Cache, db: Database) -> None:
+    """A UUID string in capitals, a CHAR without its padding, one instant at two offsets."""
+    row_id = "6f1c2a8e-0b7d-4c1e-9a3f-2d5e8b7c6a10"
+    utc = datetime.datetime(2026, 1, 2, 12, tzinfo=datetime.UTC)
+    plus2 = utc.astimezone(datetime.timezone(datetime.timedelta(hours=2)))
+    with db.Session.begin() as session:
+        session.add_all(
+            [
+                Token(id=row_id, label="old"),
+                Code(code="ab", label="old"),
+                Event(at=utc, label="old"),
+            ]
+        )
+    cases: list[tuple[type[Any], Any, list[Any]]] = [
+        (Token, row_id, [row_id, row_id.upper(), "{" + row_id + "}"]),
+        (Code, "ab", ["ab", "ab  "]),
+    ]
+    if db.engine.dialect.name == "postgresql":  # SQLite keeps no offset to compare
+        cases.append((Event, utc, [utc, plus2]))
+    for model, pk, spellings in cases:
+        repo = CachedRepository(cache, model, session_factory=db.Session)
+        assert_every_spelling_reads(repo, spellings, "old")
+        assert len({repo.key(spelling) for spelling in spellings}) == 1
+        relabel(db, model, pk, "new")
+        assert_every_spelling_reads(repo, spellings, "new")
+        repo.close()

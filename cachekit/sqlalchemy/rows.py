@@ -25,6 +25,7 @@ from sqlalchemy.orm import Mapper, Session, class_mapper, make_transient_to_deta
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import UnmappedClassError
 from sqlalchemy.orm.util import identity_key
+from sqlalchemy.sql import sqltypes
 
 from cachekit.exceptions import ConfigurationError
 from cachekit.keycodec import canonical_decimal
@@ -83,6 +84,7 @@ class Rows(Generic[M]):
         self.pk_keys = [self.mapper.get_property_by_column(column).key for column in columns]
         self.column_keys = [attr.key for attr in self.mapper.column_attrs]
         self._pk_types = [_python_type(column.type) for column in columns]
+        self._pk_spellings = [_spelling(column.type) for column in columns]
 
     # -- primary keys -------------------------------------------------------------------
 
@@ -104,7 +106,8 @@ class Rows(Generic[M]):
         parts = tuple(value) if isinstance(value, tuple | list) else (value,)
         if len(parts) != len(self._pk_types):
             raise ValueError(f"{self.model.__name__} keys have {len(self._pk_types)} parts")
-        return Pk(_coerce(kind, part) for kind, part in zip(self._pk_types, parts, strict=True))
+        kinds = zip(self._pk_types, self._pk_spellings, parts, strict=True)
+        return Pk(spell(_coerce(kind, part)) for kind, spell, part in kinds)
 
     def pk_of(self, snapshot: Mapping[str, Any]) -> Pk:
         return self.pk(tuple(snapshot[key] for key in self.pk_keys))
@@ -188,6 +191,29 @@ def _python_type(column_type: Any) -> type | None:
     except NotImplementedError:  # a custom type that does not say: taken as given
         return None
     return kind
+
+
+def _spelling(column_type: Any) -> Callable[[Any], Any]:
+    """The one spelling, among the values the database takes as equal, that keys a row:
+    a UUID string canonical (``str(UUID(...))``, as the database returns it), a CHAR
+    without the padding PostgreSQL returns, an aware datetime in UTC."""
+    if isinstance(column_type, sqltypes.Uuid) and not column_type.as_uuid:
+        return lambda value: str(uuid.UUID(value)) if isinstance(value, str) else value
+    if isinstance(column_type, sqltypes.CHAR):
+        return lambda value: value.rstrip(" ") if isinstance(value, str) else value
+    if isinstance(column_type, sqltypes.DateTime):
+        return _utc
+    return _as_is
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _utc(value: Any) -> Any:
+    if isinstance(value, datetime.datetime) and value.utcoffset() is not None:
+        return value.astimezone(datetime.UTC)
+    return value
 
 
 def _coerce(kind: type | None, value: Any) -> Any:
