@@ -23,7 +23,7 @@ REQUESTS = 40_000
 
 
 def cached(backend: MemoryBackend, keys: str) -> str:
-    """Which of the one-letter ``keys`` are held, without reading (a read is a use)."""
+    """Which of the one-letter ``keys`` are held, without reading them: a read is a use."""
     return "".join(key for key in keys if key in backend._data)
 
 
@@ -70,19 +70,25 @@ def test_lru_moves_a_read_key_to_the_end() -> None:
 
 
 def test_s3fifo_promotes_keys_read_twice_and_recalls_its_ghosts() -> None:
-    # 10 entries: a small queue of 1, a main queue of 9, a ghost of 9 keys.
-    backend = MemoryBackend(maxsize=10, eviction="s3fifo")
-    for key in "abcdefghij":
+    # 20 entries: a small queue of 2, a main queue of 18, a ghost of 18 keys.
+    backend = MemoryBackend(maxsize=20, eviction="s3fifo")
+    keys = [f"k{i}" for i in range(20)]
+    for key in keys:  # k0, k1 fill the small queue; the rest go to main while it fills
         backend.set(key, key, None)
-    for key in "aabbc":
+    for key in ["k0", "k0", "k1"]:
         backend.get(key)
-    backend.set("k", "k", None)  # a, b (read twice) go to main; c (once) is evicted
-    assert cached(backend, "abck") == "abk"
-    backend.set("c", "c", None)  # c is in the ghost: straight to the main queue
-    for key in "lmnopqrstuvwxyz":  # a one-time scan passes through the small queue
-        backend.set(key, key, None)
-    assert cached(backend, "abc") == "abc"
-    assert len(backend) == 10
+    backend.set("new", "new", None)  # k0 (read twice) goes to main; k1 (once) is evicted
+    assert "k0" in backend._data
+    assert "k1" not in backend._data
+    backend.set("k1", "k1", None)  # k1 is in the ghost: to main, where k2 (unread) goes
+    assert "k1" in backend._data
+    assert "k2" not in backend._data
+    # A one-time scan: its first key brings main back to its 18 (k3, unread, goes),
+    # the rest pass through the small queue only.
+    for i in range(50):
+        backend.set(f"scan{i}", i, None)
+    assert [key for key in keys if key not in backend._data] == ["k2", "k3"]
+    assert len(backend) == 20
 
 
 @pytest.mark.parametrize("eviction", ["sieve", "s3fifo"])

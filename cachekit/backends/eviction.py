@@ -160,7 +160,8 @@ class Sieve:
 class S3FIFO:
     """S3-FIFO (Yang et al., SOSP'23) as libCacheSim runs it by default.
 
-    A small FIFO (10% of ``maxsize``) admits new keys, a main FIFO (the rest) keeps
+    A small FIFO (10% of ``maxsize``) admits new keys (while the cache first fills,
+    only until the small FIFO is full: later keys go to the main one), a main FIFO (the rest) keeps
     those read at least twice while in the small queue, and a ghost FIFO remembers, key
     only, the last ``0.9 * maxsize`` keys evicted from the small queue: a key stored
     again while in the ghost goes straight to the main queue. The small queue's 10% is
@@ -182,12 +183,20 @@ class S3FIFO:
         self._small: OrderedDict[str, None] = OrderedDict()
         self._main: OrderedDict[str, None] = OrderedDict()
         self._ghost: OrderedDict[str, None] = OrderedDict()
-        self._main_size = maxsize - int(maxsize * 0.1)  # rounding as in libCacheSim
+        self._small_size = int(maxsize * 0.1)  # rounding as in libCacheSim
+        self._main_size = maxsize - self._small_size
         self._ghost_size = int(maxsize * 0.9)
+        self._has_evicted = False
 
     def admit(self, key: str) -> None:
         if key in self._ghost:
             del self._ghost[key]
+            self._main[key] = None
+        elif not self._has_evicted and len(self._small) >= self._small_size:
+            # Filling up: keys stored once the small queue is full, before the cache is,
+            # go to the main queue, as in libCacheSim's S3FIFO.c (S3FIFOv0.c, the
+            # paper's, put them in the small queue, which the first evictions then
+            # sweep at once).
             self._main[key] = None
         else:
             self._small[key] = None
@@ -202,6 +211,7 @@ class S3FIFO:
             self._main.pop(key, None)
 
     def evict(self) -> str:
+        self._has_evicted = True
         while True:
             if len(self._main) > self._main_size or not self._small:
                 victim = self._evict_main()
@@ -214,6 +224,7 @@ class S3FIFO:
         self._small.clear()
         self._main.clear()
         self._ghost.clear()
+        self._has_evicted = False  # empty again: filled as a new cache is
 
     def reconcile(self) -> None:
         for queue in (self._small, self._main):
