@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Final, Literal, Protocol, get_args
 
+from cachekit.exceptions import ConfigurationError
+
 __all__ = ["EVICTIONS", "LRU", "S3FIFO", "Eviction", "EvictionPolicy", "Sieve", "make_policy"]
 
 #: The policies ``MemoryBackend(eviction=...)`` accepts.
@@ -57,14 +59,18 @@ class EvictionPolicy(Protocol):
 
 
 def make_policy(eviction: str, maxsize: int) -> EvictionPolicy:
-    """The policy named ``eviction`` for a cache of ``maxsize`` entries."""
+    """The policy named ``eviction`` for a cache of ``maxsize`` entries.
+
+    Raises:
+        ConfigurationError: ``eviction`` names no policy.
+    """
     if eviction == "lru":
         return LRU()
     if eviction == "sieve":
         return Sieve()
     if eviction == "s3fifo":
         return S3FIFO(maxsize)
-    raise ValueError(f"eviction must be one of {', '.join(EVICTIONS)}; got {eviction!r}")
+    raise ConfigurationError(f"eviction must be one of {', '.join(EVICTIONS)}; got {eviction!r}")
 
 
 class LRU:

@@ -35,7 +35,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 from cachekit.backends.base import MISSING, KeyPolicy
-from cachekit.backends.eviction import EVICTIONS, FLAG, LRU, Entry, Eviction, make_policy
+from cachekit.backends.eviction import FLAG, LRU, Entry, Eviction, make_policy
 from cachekit.exceptions import ConfigurationError
 from cachekit.forks import renew_locks_in_child, reset_in_child
 
@@ -72,10 +72,6 @@ class MemoryBackend:
     ) -> None:
         if not isinstance(maxsize, int) or maxsize < 1:
             raise ConfigurationError(f"maxsize must be a positive int, got {maxsize!r}")
-        if eviction not in EVICTIONS:
-            raise ConfigurationError(
-                f"eviction must be one of {', '.join(EVICTIONS)}; got {eviction!r}"
-            )
         self.maxsize = maxsize
         self.eviction = eviction
         self.stores_objects = not serialize
