@@ -330,12 +330,16 @@ def memory_sections() -> Iterator[list[Section]]:
     with_ttl = Cache(MemoryBackend(maxsize=10_000), namespace="bench", ttl=300)
     # Isolating: stores JSON, so every hit decodes a fresh copy, as on Redis.
     copies = Cache(MemoryBackend(maxsize=10_000, serialize=True), namespace="bench", ttl=None)
+    sieve = Cache(MemoryBackend(maxsize=10_000, eviction="sieve"), namespace="bench", ttl=None)
+    s3fifo = Cache(MemoryBackend(maxsize=10_000, eviction="s3fifo"), namespace="bench", ttl=None)
     decorated = Section("in-process decorated hit: f(7)", "cachetools.cached(LRUCache)")
     decorated.goal = ("cachekit @cache.cached() ttl=None", 1.0)
     decorated.cases = [
         Case("cachetools.cached(LRUCache)", lru, 7),
         Case("cachekit @cache.cached() ttl=None", no_ttl.cached()(f), 7),
         Case("cachekit @cache.cached() ttl=300", with_ttl.cached()(f), 7),
+        Case("cachekit @cache.cached() ttl=None, sieve", sieve.cached()(f), 7),
+        Case("cachekit @cache.cached() ttl=None, s3fifo", s3fifo.cached()(f), 7),
         Case("cachekit @cache.cached() serialize=True", copies.cached()(f), 7),
         Case("cachetools.cached(TTLCache ttl=300)", ttl_cache, 7),
         Case("cachetools.cached(LRUCache, lock=Lock())", locked, 7),

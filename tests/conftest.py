@@ -143,6 +143,8 @@ def _forget_namespace(client: redis.Redis | RedisCluster, namespace: str) -> Non
     params=[
         pytest.param("memory", id="memory"),
         pytest.param("memory-bytes", id="memory-bytes"),
+        pytest.param("memory-sieve", id="memory-sieve"),
+        pytest.param("memory-s3fifo", id="memory-s3fifo"),
         pytest.param("fakeredis", id="fakeredis"),
         pytest.param("redis", id="redis", marks=pytest.mark.redis),
         pytest.param("memcached", id="memcached", marks=pytest.mark.memcached),
@@ -151,13 +153,15 @@ def _forget_namespace(client: redis.Redis | RedisCluster, namespace: str) -> Non
     ]
 )
 def backend(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]:
-    """Each backend in turn; memory (by reference, or ``serialize=True``) runs on a
-    :class:`FakeClock`."""
+    """Each backend in turn; memory (by reference, ``serialize=True``, or with SIEVE or
+    S3-FIFO eviction) runs on a :class:`FakeClock`."""
     built: Any
     if request.param == "memory":
         built = MemoryBackend(timer=FakeClock())
     elif request.param == "memory-bytes":
         built = MemoryBackend(timer=FakeClock(), serialize=True)
+    elif request.param in ("memory-sieve", "memory-s3fifo"):
+        built = MemoryBackend(timer=FakeClock(), eviction=request.param.removeprefix("memory-"))
     elif request.param == "fakeredis":
         built = _fake_redis()
     elif request.param == "redis":

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from cachekit import Cache
+from cachekit.backends.eviction import EVICTIONS, Eviction
 from cachekit.backends.memory import MemoryBackend
 from cachekit.backends.redis import RedisBackend
 from cachekit.markers import is_marker
@@ -144,10 +145,11 @@ def report(label: str, leased: Audit, naive: list[Audit], outcomes: list[Outcome
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("eviction", EVICTIONS)
 def test_memory_threads_leave_no_stale_value_where_naive_cache_aside_does(
-    namespace: str,
+    namespace: str, eviction: Eviction
 ) -> None:
-    backend = MemoryBackend()
+    backend = MemoryBackend(eviction=eviction)
     outcomes: list[Outcome] = []
 
     def run(run_namespace: str, lease_ttl: float | None = None) -> Audit:
@@ -217,8 +219,9 @@ CALLERS = 64
 
 
 @pytest.mark.slow
-def test_64_threads_on_a_cold_key_call_the_loader_once(namespace: str) -> None:
-    cache = Cache(MemoryBackend(), namespace=namespace, lease_ttl=5.0)
+@pytest.mark.parametrize("eviction", EVICTIONS)
+def test_64_threads_on_a_cold_key_call_the_loader_once(namespace: str, eviction: Eviction) -> None:
+    cache = Cache(MemoryBackend(eviction=eviction), namespace=namespace, lease_ttl=5.0)
     calls = []
     lock = threading.Lock()
 

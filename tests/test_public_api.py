@@ -14,6 +14,7 @@ MODULES = [
     "cachekit.backends",
     "cachekit.backends.base",
     "cachekit.backends.memory",
+    "cachekit.backends.eviction",
     "cachekit.backends.redis",
     "cachekit.backends.memcached",
     "cachekit.backends.counting",
