@@ -20,13 +20,16 @@ from typing import Any, NoReturn
 
 from cachekit.bench import caches
 from cachekit.bench.config import (
+    EVICTIONS,
     STRATEGIES,
     BenchConfig,
     BenchError,
+    Eviction,
     Strategy,
     parse_backend_url,
     parse_cache_sizes,
     parse_db_url,
+    parse_evictions,
     parse_strategies,
 )
 from cachekit.bench.database import Database, scratch_file
@@ -104,6 +107,16 @@ def _exponent(text: str) -> float:
     return value
 
 
+def _scans(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise BenchError(f"{value}: the number of scans cannot be negative")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         return int(text)
@@ -166,6 +179,15 @@ def _add_workload_options(bench: argparse.ArgumentParser) -> None:
         default=0.05,
         help="share of requests that update a product (default 0.05)",
     )
+    add(
+        "--scan",
+        type=_checked(_scans),
+        default=0,
+        metavar="N",
+        help="mix N one-time scans of every row (an export) into the requests: the Zipf "
+        "requests are cut into N windows, each with one scan spread evenly through it, "
+        "adding N x rows reads (default 0)",
+    )
 
 
 def _add_run_options(bench: argparse.ArgumentParser) -> None:
@@ -185,6 +207,12 @@ def _add_run_options(bench: argparse.ArgumentParser) -> None:
         help=f"comma-separated, from {','.join(STRATEGIES)} (default: all)",
     )
     add(
+        "--eviction",
+        type=_checked(parse_evictions),
+        help=f"the in-process cache's eviction policies to compare, comma-separated, from "
+        f"{','.join(EVICTIONS)} (default lru); only with --backend memory",
+    )
+    add(
         "--workers",
         type=_checked(_count),
         default=4,
@@ -200,7 +228,16 @@ def _add_run_options(bench: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script: ``cachekit bench [options]``; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.eviction is not None and not args.backend.bounded:
+        # A usage error like argparse's own, raised before any work: the policy is the
+        # in-process cache's, and a server's is not ours to choose.
+        parser.exit(
+            2,
+            f"cachekit bench: error: --eviction applies to the in-process cache (--backend "
+            f"memory) only; a {args.backend.kind} server evicts by its own policy (see --help)\n",
+        )
     config = BenchConfig(
         db=args.db,
         backend=args.backend,
@@ -213,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         seed=args.seed,
         keep=args.keep,
+        evictions=args.eviction or ("lru",),
+        scans=args.scan,
     )
     try:
         return bench(config, json_path=args.json, plot_path=args.plot, out=sys.stdout)
@@ -232,6 +271,7 @@ def bench(config: BenchConfig, *, json_path: Path | None, plot_path: Path | None
     """
     began = time.perf_counter()
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    config.check()
     _check_outputs(json_path, plot_path)
     if config.backend.kind != "memory":
         caches.check_reachable(config.backend)
@@ -241,6 +281,7 @@ def bench(config: BenchConfig, *, json_path: Path | None, plot_path: Path | None
         zipf=config.zipf,
         write_ratio=config.write_ratio,
         seed=config.seed,
+        scans=config.scans,
     )
     tables, uncached, results = _measure(config, trace, out)
     seconds = time.perf_counter() - began
@@ -255,8 +296,9 @@ def bench(config: BenchConfig, *, json_path: Path | None, plot_path: Path | None
 
 
 def _measure(config: BenchConfig, trace: Trace, out: Any) -> tuple[list[str], Replay, list[Result]]:
-    """Fill the tables, replay uncached, then each strategy at each size; returns the
-    tables' names, the uncached replay and the results. The tables go afterwards."""
+    """Fill the tables, replay uncached, then each strategy with each eviction policy at
+    each size; returns the tables' names, the uncached replay and the results. The tables
+    go afterwards."""
     with _database(config, out) as db, phases() as start:
         advance = start("creating and filling the tables", config.rows)
         db.create(config.rows, seed=config.seed, advance=advance)
@@ -268,6 +310,7 @@ def _measure(config: BenchConfig, trace: Trace, out: Any) -> tuple[list[str], Re
             _run(
                 config,
                 strategy=strategy,
+                eviction=eviction,
                 size=size,
                 trace=trace,
                 db=db,
@@ -276,6 +319,7 @@ def _measure(config: BenchConfig, trace: Trace, out: Any) -> tuple[list[str], Re
                 start=start,
             )
             for strategy in config.strategies
+            for eviction in config.evictions
             for size in config.run_sizes
         ]
     return [db.products, db.reviews], uncached, results
@@ -294,6 +338,7 @@ def _run(
     config: BenchConfig,
     *,
     strategy: Strategy,
+    eviction: Eviction,
     size: float,
     trace: Trace,
     db: Database,
@@ -301,10 +346,15 @@ def _run(
     optimum: float,
     start: Start,
 ) -> Result:
-    """One strategy at one size: replay through a fresh cache, verify it, clean it up."""
+    """One strategy with one policy at one size: replay through a fresh cache, verify
+    it, clean it up."""
     entries = _entries(config, size)
-    label = f"{strategy} {size:.0%}" if config.backend.bounded else strategy
-    cache = caches.open_cache(config.backend, entries=entries, label=f"{strategy}-{entries}")
+    bounded = config.backend.bounded
+    policy = f" {eviction}" if config.evictions != ("lru",) else ""
+    label = f"{strategy}{policy} {size:.0%}" if bounded else strategy
+    cache = caches.open_cache(
+        config.backend, entries=entries, label=f"{strategy}-{entries}", eviction=eviction
+    )
     try:
         ops = operations(strategy, cache, db, trace)
         run = replay(
@@ -313,7 +363,17 @@ def _run(
         verdict = verify(cache, db, trace.ids)
     finally:
         caches.forget(cache, (key_of(i) for i in set(trace.ids)))
-    return Result(strategy, size, entries, config.backend.bounded, optimum, run, uncached, verdict)
+    return Result(
+        strategy,
+        eviction if bounded else None,
+        size,
+        entries,
+        bounded,
+        optimum,
+        run,
+        uncached,
+        verdict,
+    )
 
 
 def _optima(config: BenchConfig, trace: Trace, start: Start) -> dict[tuple[str, float], float]:

@@ -13,6 +13,7 @@ from typing import Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 __all__ = [
+    "EVICTIONS",
     "STRATEGIES",
     "BackendUrl",
     "BenchConfig",
@@ -21,12 +22,15 @@ __all__ = [
     "parse_backend_url",
     "parse_cache_sizes",
     "parse_db_url",
+    "parse_evictions",
     "parse_strategies",
     "redact",
 ]
 
 Strategy = Literal["cache-aside", "read-through", "write-through"]
 STRATEGIES: tuple[Strategy, ...] = ("cache-aside", "read-through", "write-through")
+Eviction = Literal["lru", "sieve", "s3fifo"]
+EVICTIONS: tuple[Eviction, ...] = ("lru", "sieve", "s3fifo")
 _MAX_PORT = 65535
 
 
@@ -79,6 +83,21 @@ class BenchConfig:
     workers: int
     seed: int
     keep: bool = False
+    # The in-process cache's eviction policies; a server's eviction is its own.
+    evictions: tuple[Eviction, ...] = ("lru",)
+    scans: int = 0  # one-time scans of every row mixed into the trace
+
+    def check(self) -> None:
+        """Refuse what cannot be run, before any work starts.
+
+        Raises:
+            BenchError: an eviction policy other than LRU asked of a server.
+        """
+        if not self.backend.bounded and self.evictions != ("lru",):
+            raise BenchError(
+                f"--eviction applies to the in-process cache (--backend memory) only; a "
+                f"{self.backend.kind} server evicts by its own policy"
+            )
 
     @property
     def db_label(self) -> str:
@@ -183,6 +202,21 @@ def parse_cache_sizes(text: str) -> tuple[float, ...]:
             raise BenchError(f"cache size {item!r} is above 100% of the rows")
         sizes.add(percent / 100)
     return tuple(sorted(sizes))
+
+
+def parse_evictions(text: str) -> tuple[Eviction, ...]:
+    """``"lru,sieve,s3fifo"`` as a tuple, in the given order, without repeats."""
+    chosen: list[Eviction] = []
+    for item in text.split(","):
+        name = item.strip()
+        match = next((e for e in EVICTIONS if e == name), None)
+        if match is None:
+            raise BenchError(
+                f"unknown eviction policy {name!r}: choose from {', '.join(EVICTIONS)}"
+            )
+        if match not in chosen:
+            chosen.append(match)
+    return tuple(chosen)
 
 
 def parse_strategies(text: str) -> tuple[Strategy, ...]:

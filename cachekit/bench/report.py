@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from cachekit.bench.config import BenchConfig, BenchError
+from cachekit.bench.config import BenchConfig, BenchError, Eviction
 from cachekit.bench.database import LATEST_REVIEWS
 from cachekit.bench.runner import Replay, Verdict
 
@@ -49,9 +49,11 @@ _HEADERS = (
 
 @dataclass(frozen=True)
 class Result:
-    """One strategy at one cache size, next to the uncached replay of the same trace."""
+    """One strategy at one cache size with one eviction policy, next to the uncached
+    replay of the same trace."""
 
     strategy: str
+    eviction: Eviction | None  # None on servers, whose eviction is their own
     cache_size: float  # a fraction of the rows
     cache_entries: int
     size_enforced: bool  # False on servers: the percentage could not bound them
@@ -76,6 +78,7 @@ class Result:
         run, base, stats = self.replay, self.uncached, self.verdict.stats
         return {
             "strategy": self.strategy,
+            "eviction": self.eviction,
             "cache_size": self.cache_size,
             "hit_ratio": round(run.hit_ratio, 6),
             "optimal_hit_ratio": round(self.optimal_hit_ratio, 6),
@@ -107,20 +110,33 @@ class Result:
         }
 
     @property
+    def compared(self) -> bool:
+        """Whether the policy is not the default, LRU, so output must name it."""
+        return self.eviction not in {None, "lru"}
+
+    @property
     def label(self) -> str:
-        """The run in a sentence: ``cache-aside at 5% (1,000)``."""
+        """The run in a sentence: ``cache-aside at 5% (1,000)``, and ``with sieve``
+        before ``at`` for a policy other than LRU."""
         if not self.size_enforced:
             return f"{self.strategy} (unbounded)"
-        return f"{self.strategy} at {self.cache_size:.0%} ({self.cache_entries:,})"
+        policy = f" with {self.eviction}" if self.compared else ""
+        return f"{self.strategy}{policy} at {self.cache_size:.0%} ({self.cache_entries:,})"
+
+    @property
+    def size_cell(self) -> str:
+        """The cache size as the table shows it."""
+        if not self.size_enforced:
+            return "unbounded"
+        return f"{self.cache_size:.0%} ({self.cache_entries:,})"
 
     def cells(self) -> list[str]:
-        """The table row."""
+        """The table row, without the eviction policy (a column of its own, when shown)."""
         run, base = self.replay, self.uncached
-        size = f"{self.cache_size:.0%} ({self.cache_entries:,})"
         evictions = self.verdict.evictions
         return [
             self.strategy,
-            size if self.size_enforced else "unbounded",
+            self.size_cell,
             f"{run.hit_ratio:.1%}",
             f"{self.optimal_hit_ratio:.1%}",
             f"{run.queries:,}",
@@ -170,18 +186,31 @@ def _log_phase(description: str, total: int) -> Callable[[int], None]:
 # -- the table ------------------------------------------------------------------------
 
 
+def _columns(results: Sequence[Result]) -> tuple[list[str], list[list[str]], int]:
+    """The headers, the rows and how many columns are left-aligned labels; an eviction
+    column after the strategy only when some run used a policy other than LRU, so the
+    default run's table stays as it was."""
+    headers, rows = list(_HEADERS), [result.cells() for result in results]
+    if not any(result.compared for result in results):
+        return headers, rows, 2
+    headers.insert(1, "eviction")
+    for row, result in zip(rows, results, strict=True):
+        row.insert(1, result.eviction or "n/a")
+    return headers, rows, 3
+
+
 def print_report(title: str, results: Sequence[Result], notes: Sequence[str], out: TextIO) -> None:
     """The table, then the notes that say how to read it."""
-    rows = [result.cells() for result in results]
+    headers, rows, labels = _columns(results)
     try:
         from rich.console import Console  # noqa: PLC0415 - optional (the bench extra)
         from rich.table import Table  # noqa: PLC0415
     except ImportError:
-        out.write(_plain(title, rows, notes))
+        out.write(_plain(title, headers, rows, notes, labels))
         return
     table = Table(title=title, title_justify="left")
-    for i, header in enumerate(_HEADERS):
-        table.add_column(header, justify="left" if i < 2 else "right")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i < labels else "right")
     for row in rows:
         table.add_row(*row)
     console = Console(file=out, width=max(140, Console(file=out).width))
@@ -190,14 +219,16 @@ def print_report(title: str, results: Sequence[Result], notes: Sequence[str], ou
         console.print(note, markup=False, highlight=False)
 
 
-def _plain(title: str, rows: list[list[str]], notes: Sequence[str]) -> str:
-    table = [list(_HEADERS), *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(_HEADERS))]
+def _plain(
+    title: str, headers: list[str], rows: list[list[str]], notes: Sequence[str], labels: int
+) -> str:
+    table = [headers, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     lines = [title]
     for row in table:
         lines.append(
             "  ".join(
-                cell.ljust(w) if i < 2 else cell.rjust(w)
+                cell.ljust(w) if i < labels else cell.rjust(w)
                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))
             )
         )
@@ -206,10 +237,11 @@ def _plain(title: str, rows: list[list[str]], notes: Sequence[str]) -> str:
 
 def title(config: BenchConfig) -> str:
     """What was measured, in one line above the table."""
+    scans = f" + {config.scans} {'scan' if config.scans == 1 else 'scans'}" if config.scans else ""
     return (
         f"cachekit bench: {config.db_label} + {config.backend.label}, {config.rows:,} rows, "
-        f"{config.requests:,} requests, zipf {config.zipf:g}, {config.write_ratio:.0%} writes, "
-        f"{config.workers} workers, seed {config.seed}"
+        f"{config.requests:,} requests{scans}, zipf {config.zipf:g}, "
+        f"{config.write_ratio:.0%} writes, {config.workers} workers, seed {config.seed}"
     )
 
 
@@ -232,6 +264,7 @@ def notes(
             "write-through reloads every product it writes (2 more statements), read again or "
             "not: it buys entries that are fresh after a write, not fewer queries."
         )
+    lines += _eviction_notes(config)
     if not config.backend.bounded:
         lines.append(
             f"cache size: a percentage cannot bound a {config.backend.kind} server, so each "
@@ -244,6 +277,26 @@ def notes(
     errors = sum(r.verdict.stats.errors for r in results)
     if errors:
         lines.append(f"the cache reported {errors:,} errors; those reads fell through to the DB.")
+    return lines
+
+
+def _eviction_notes(config: BenchConfig) -> list[str]:
+    """What the policies and the scans are, when the run has them."""
+    lines = []
+    if config.evictions != ("lru",):
+        lines.append(
+            "eviction: the in-process cache's policy. lru evicts the entry read least "
+            "recently; sieve sweeps from the oldest entry and evicts the first one not read "
+            "since the sweep last passed it; s3fifo admits new entries to a small queue and "
+            "moves to its main queue only those read again there (or evicted recently)."
+        )
+    if config.scans:
+        lines.append(
+            f"scans: {config.scans} x {config.rows:,} one-time reads of every row, in id order, "
+            "mixed into the Zipf requests (an export); they count as reads, so every policy's "
+            "hit ratio and the optimum drop, and a policy that lets a scan flush the hot "
+            "rows drops most."
+        )
     return lines
 
 
@@ -336,9 +389,11 @@ def describe(
         "requests": config.requests,
         "zipf": config.zipf,
         "write_ratio": config.write_ratio,
+        "scans": config.scans,
         "cache_sizes": list(config.run_sizes),
         "size_enforced": config.backend.bounded,
         "strategies": list(config.strategies),
+        "evictions": list(config.evictions) if config.backend.bounded else None,
         "workers": config.workers,
         "seed": config.seed,
         "tables": tables,
@@ -353,7 +408,8 @@ def describe(
 
 
 def write_json(path: Path, config: dict[str, Any], results: Sequence[Result]) -> None:
-    """``{"config": {...}, "results": [...]}``, one result per strategy and size."""
+    """``{"config": {...}, "results": [...]}``, one result per strategy, eviction
+    policy and size."""
     document = {"config": config, "results": [r.as_dict() for r in results]}
     try:
         path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
