@@ -213,7 +213,8 @@ def print_report(title: str, results: Sequence[Result], notes: Sequence[str], ou
         table.add_column(header, justify="left" if i < labels else "right")
     for row in rows:
         table.add_row(*row)
-    console = Console(file=out, width=max(140, Console(file=out).width))
+    # Wide enough for every column unwrapped, also when writing to a file or pipe.
+    console = Console(file=out, width=max(140 + 12 * (labels - 2), Console(file=out).width))
     console.print(table)
     for note in notes:
         console.print(note, markup=False, highlight=False)
