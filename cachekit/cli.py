@@ -28,18 +28,23 @@ from cachekit.bench.config import (
     Strategy,
     parse_backend_url,
     parse_cache_sizes,
+    parse_count,
     parse_db_url,
     parse_evictions,
+    parse_exponent,
+    parse_fraction,
+    parse_scans,
+    parse_seed,
     parse_strategies,
 )
 from cachekit.bench.database import Database, scratch_file
 from cachekit.bench.optimal import WriteMode, belady_hit_ratio
 from cachekit.bench.plot import require_matplotlib, write_plot
+from cachekit.bench.progress import phases
 from cachekit.bench.report import (
     Result,
     describe,
     notes,
-    phases,
     print_report,
     title,
     write_json,
@@ -77,53 +82,6 @@ def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise BenchError(f"{value} must be a positive number")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise BenchError(f"{text} must be between 0 and 1")
-    return value
-
-
-def _exponent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 100:  # beyond this, every request reads one row anyway
-        raise BenchError(f"the Zipf exponent must be between 0 and 100, got {text}")
-    return value
-
-
-def _scans(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise BenchError(f"{value}: the number of scans cannot be negative")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a whole number") from None
-
-
 def _parser() -> _Parser:
     parser = _Parser(prog="cachekit", description="cachekit's command line.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -156,32 +114,32 @@ def _add_workload_options(bench: argparse.ArgumentParser) -> None:
     )
     add(
         "--rows",
-        type=_checked(_count),
+        type=_checked(parse_count),
         default=DEFAULT_ROWS,
         help=f"products in the table (default {DEFAULT_ROWS:,}: small enough that the defaults"
         " finish in well under a minute on 2 cores)",
     )
     add(
         "--requests",
-        type=_checked(_count),
+        type=_checked(parse_count),
         default=DEFAULT_REQUESTS,
         help=f"requests in the trace (default {DEFAULT_REQUESTS:,}; try 200000)",
     )
     add(
         "--zipf",
-        type=_checked(_exponent),
+        type=_checked(parse_exponent),
         default=0.99,
         help="skew of the Zipf popularity, 0 = uniform (default 0.99)",
     )
     add(
         "--write-ratio",
-        type=_checked(_fraction),
+        type=_checked(parse_fraction),
         default=0.05,
         help="share of requests that update a product (default 0.05)",
     )
     add(
         "--scan",
-        type=_checked(_scans),
+        type=_checked(parse_scans),
         default=0,
         metavar="N",
         help="mix N one-time scans of every row (an export) into the requests: the Zipf "
@@ -214,12 +172,15 @@ def _add_run_options(bench: argparse.ArgumentParser) -> None:
     )
     add(
         "--workers",
-        type=_checked(_count),
+        type=_checked(parse_count),
         default=4,
         help="threads replaying the trace (default 4)",
     )
     add(
-        "--seed", type=_checked(_seed), default=1, help="seed of the trace and the data (default 1)"
+        "--seed",
+        type=_checked(parse_seed),
+        default=1,
+        help="seed of the trace and the data (default 1)",
     )
     add("--json", type=Path, metavar="FILE", help="write the results as JSON")
     add("--plot", type=Path, metavar="FILE", help="write a PNG (needs matplotlib: the bench extra)")

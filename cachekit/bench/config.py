@@ -1,4 +1,4 @@
-"""The settings of a bench run, validated: URLs, counts, cache sizes and strategies.
+"""The settings of a bench run, validated: URLs, counts, cache sizes, strategies, policies.
 
 Every parser here raises :class:`BenchError` with a message fit to print as the one
 line a user sees, so the command line can turn any bad input into that line and a
@@ -21,8 +21,13 @@ __all__ = [
     "DbUrl",
     "parse_backend_url",
     "parse_cache_sizes",
+    "parse_count",
     "parse_db_url",
     "parse_evictions",
+    "parse_exponent",
+    "parse_fraction",
+    "parse_scans",
+    "parse_seed",
     "parse_strategies",
     "redact",
 ]
@@ -230,3 +235,55 @@ def parse_strategies(text: str) -> tuple[Strategy, ...]:
         if match not in chosen:
             chosen.append(match)
     return tuple(chosen)
+
+
+def parse_count(text: str) -> int:
+    """A positive whole number: a count of rows, requests or workers."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise BenchError(f"{value} must be a positive number")
+    return value
+
+
+def parse_fraction(text: str) -> float:
+    """A share between 0 and 1, like the write ratio."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise BenchError(f"{text} must be between 0 and 1")
+    return value
+
+
+def parse_exponent(text: str) -> float:
+    """A Zipf exponent, between 0 and 100."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 100:  # beyond this, every request reads one row anyway
+        raise BenchError(f"the Zipf exponent must be between 0 and 100, got {text}")
+    return value
+
+
+def parse_scans(text: str) -> int:
+    """How many scans to mix into the trace: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise BenchError(f"{value}: the number of scans cannot be negative")
+    return value
+
+
+def parse_seed(text: str) -> int:
+    """Any whole number."""
+    try:
+        return int(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a whole number") from None

@@ -1,8 +1,8 @@
-"""Showing the results: a progress bar while it runs, then a table and JSON.
+"""Showing the results: a table and JSON.
 
-The table says where caching does not pay as plainly as where it does. rich draws the
-progress bar and the table when it is installed (the ``bench`` extra), plain text
-otherwise. The PNG is :mod:`cachekit.bench.plot`'s job.
+The table says where caching does not pay as plainly as where it does. rich draws it
+when installed (the ``bench`` extra), plain text otherwise. The progress bar while it
+runs is :mod:`cachekit.bench.progress`'s job, the PNG :mod:`cachekit.bench.plot`'s.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,7 +23,6 @@ __all__ = [
     "Result",
     "describe",
     "notes",
-    "phases",
     "print_report",
     "title",
     "verdicts",
@@ -147,40 +144,6 @@ class Result:
             "n/a" if evictions is None else f"{evictions:,}",
             str(self.verdict.stale),
         ]
-
-
-# -- progress -------------------------------------------------------------------------
-
-
-@contextmanager
-def phases() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    """Yield ``start(description, total)``, which returns ``update(done)``.
-
-    A rich progress bar on a terminal; one line per phase on stderr otherwise, so logs
-    still show where a long run is.
-    """
-    try:
-        from rich.console import Console  # noqa: PLC0415 - optional (the bench extra)
-        from rich.progress import Progress  # noqa: PLC0415
-    except ImportError:
-        console = None
-    else:
-        console = Console(stderr=True)
-    if console is None or not console.is_terminal:
-        yield _log_phase
-        return
-    with Progress(console=console, transient=True) as bar:
-
-        def start(description: str, total: int) -> Callable[[int], None]:
-            task = bar.add_task(description, total=total)
-            return lambda done: bar.update(task, completed=done)
-
-        yield start
-
-
-def _log_phase(description: str, total: int) -> Callable[[int], None]:
-    print(f"==> {description} ({total:,})", file=sys.stderr, flush=True)
-    return lambda done: None
 
 
 # -- the table ------------------------------------------------------------------------
