@@ -360,12 +360,14 @@ def _result(strategy: str, eviction: str, size: float, hits: int) -> Any:
     from cachekit.bench.runner import Replay, Verdict
     from cachekit.cache import Cache
 
-    def run(hit: int) -> Replay:
+    def run(hit: int, seconds: float) -> Replay:
         hit_ms, miss_ms = [0.000002] * hit, [0.00002] * (100 - hit)
-        return Replay(hit_ms, miss_ms, [], 2 * (100 - hit), 0.01, sorted(hit_ms + miss_ms))
+        return Replay(hit_ms, miss_ms, [], 2 * (100 - hit), seconds, sorted(hit_ms + miss_ms))
 
     verdict = Verdict(0, 0, Cache(MemoryBackend()).stats(), 5)
-    return Result(strategy, eviction, size, int(size * 1000), True, 0.9, run(hits), run(0), verdict)  # type: ignore[arg-type]
+    # Half the uncached throughput, so the report says each run did not pay.
+    cached, uncached = run(hits, 0.02), run(0, 0.01)
+    return Result(strategy, eviction, size, int(size * 1000), True, 0.9, cached, uncached, verdict)  # type: ignore[arg-type]
 
 
 def test_report_and_plot_show_each_policy(tmp_path: Path) -> None:
@@ -375,7 +377,7 @@ def test_report_and_plot_show_each_policy(tmp_path: Path) -> None:
     from matplotlib.figure import Figure
 
     from cachekit.bench.plot import _plot_hits, write_plot
-    from cachekit.bench.report import print_report, write_json
+    from cachekit.bench.report import print_report, verdicts, write_json
 
     results = [
         _result("cache-aside", policy, size, hits)
@@ -388,6 +390,11 @@ def test_report_and_plot_show_each_policy(tmp_path: Path) -> None:
     assert re.search(r"strategy\W+eviction\W+cache size", table), table
     for policy, ratio in (("lru", "40.0%"), ("sieve", "50.0%"), ("s3fifo", "55.0%")):
         assert re.search(rf"cache-aside\W+{policy}\W+1% \(10\)\W+{re.escape(ratio)}", table), table
+    # Every run is named with its policy, LRU's too, once several are compared.
+    lines = verdicts(results)
+    assert len(lines) == len(results)
+    for policy in ("lru", "sieve", "s3fifo"):
+        assert any(f"cache-aside with {policy} at 1% (10)" in line for line in lines), lines
     write_json(tmp_path / "r.json", {}, results)
     rows = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["results"]
     assert [(r["eviction"], r["hit_ratio"], r["queries_saved"]) for r in rows] == [

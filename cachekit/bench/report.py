@@ -111,14 +111,13 @@ class Result:
         """Whether the policy is not the default, LRU, so output must name it."""
         return self.eviction not in {None, "lru"}
 
-    @property
-    def label(self) -> str:
-        """The run in a sentence: ``cache-aside at 5% (1,000)``, and ``with sieve``
-        before ``at`` for a policy other than LRU."""
+    def label(self, *, policy: bool) -> str:
+        """The run in a sentence: ``cache-aside at 5% (1,000)``, or with the ``policy``
+        named, ``cache-aside with sieve at 5% (1,000)``."""
         if not self.size_enforced:
             return f"{self.strategy} (unbounded)"
-        policy = f" with {self.eviction}" if self.compared else ""
-        return f"{self.strategy}{policy} at {self.cache_size:.0%} ({self.cache_entries:,})"
+        named = f" with {self.eviction}" if policy else ""
+        return f"{self.strategy}{named} at {self.cache_size:.0%} ({self.cache_entries:,})"
 
     @property
     def size_cell(self) -> str:
@@ -296,17 +295,19 @@ def verdicts(results: Sequence[Result]) -> list[str]:
 
     A run does not pay if it served fewer requests per second than the database alone,
     and only half pays if the median request got slower, whatever the throughput.
+    Runs are named with their eviction policy when some policy is not LRU.
     """
-    lines = [_loss(r) for r in results if r.throughput_ratio < 1]
+    policy = any(r.compared for r in results)
+    lines = [_loss(r, policy) for r in results if r.throughput_ratio < 1]
     lines += [
-        _slower(r)
+        _slower(r, policy)
         for r in results
         if r.throughput_ratio >= 1 and r.replay.percentile(0.5) > r.uncached.percentile(0.5)
     ]
     if not lines and results:
         worst = min(results, key=lambda r: r.throughput_ratio)
         lines.append(
-            f"caching paid in every run: the least, {worst.label}, "
+            f"caching paid in every run: the least, {worst.label(policy=policy)}, "
             f"still ran at {worst.throughput_ratio:.2f}x the uncached throughput."
         )
     return lines
@@ -324,16 +325,16 @@ def _why(r: Result) -> str:
     )
 
 
-def _loss(r: Result) -> str:
+def _loss(r: Result, policy: bool) -> str:
     return (
-        f"caching does NOT pay for {r.label}: {r.throughput_ratio:.2f}x "
+        f"caching does NOT pay for {r.label(policy=policy)}: {r.throughput_ratio:.2f}x "
         f"the uncached throughput; {_why(r)}."
     )
 
 
-def _slower(r: Result) -> str:
+def _slower(r: Result, policy: bool) -> str:
     return (
-        f"{r.label} ran at {r.throughput_ratio:.2f}x the uncached "
+        f"{r.label(policy=policy)} ran at {r.throughput_ratio:.2f}x the uncached "
         f"throughput, but its median request got slower ({r.replay.percentile(0.5):.3f} ms "
         f"against {r.uncached.percentile(0.5):.3f} ms): {_why(r)}."
     )
