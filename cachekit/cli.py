@@ -20,23 +20,31 @@ from typing import Any, NoReturn
 
 from cachekit.bench import caches
 from cachekit.bench.config import (
+    EVICTIONS,
     STRATEGIES,
     BenchConfig,
     BenchError,
+    Eviction,
     Strategy,
     parse_backend_url,
     parse_cache_sizes,
+    parse_count,
     parse_db_url,
+    parse_evictions,
+    parse_exponent,
+    parse_fraction,
+    parse_scans,
+    parse_seed,
     parse_strategies,
 )
 from cachekit.bench.database import Database, scratch_file
 from cachekit.bench.optimal import WriteMode, belady_hit_ratio
 from cachekit.bench.plot import require_matplotlib, write_plot
+from cachekit.bench.progress import phases
 from cachekit.bench.report import (
     Result,
     describe,
     notes,
-    phases,
     print_report,
     title,
     write_json,
@@ -74,43 +82,6 @@ def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise BenchError(f"{value} must be a positive number")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise BenchError(f"{text} must be between 0 and 1")
-    return value
-
-
-def _exponent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 100:  # beyond this, every request reads one row anyway
-        raise BenchError(f"the Zipf exponent must be between 0 and 100, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a whole number") from None
-
-
 def _parser() -> _Parser:
     parser = _Parser(prog="cachekit", description="cachekit's command line.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -143,28 +114,37 @@ def _add_workload_options(bench: argparse.ArgumentParser) -> None:
     )
     add(
         "--rows",
-        type=_checked(_count),
+        type=_checked(parse_count),
         default=DEFAULT_ROWS,
         help=f"products in the table (default {DEFAULT_ROWS:,}: small enough that the defaults"
         " finish in well under a minute on 2 cores)",
     )
     add(
         "--requests",
-        type=_checked(_count),
+        type=_checked(parse_count),
         default=DEFAULT_REQUESTS,
         help=f"requests in the trace (default {DEFAULT_REQUESTS:,}; try 200000)",
     )
     add(
         "--zipf",
-        type=_checked(_exponent),
+        type=_checked(parse_exponent),
         default=0.99,
         help="skew of the Zipf popularity, 0 = uniform (default 0.99)",
     )
     add(
         "--write-ratio",
-        type=_checked(_fraction),
+        type=_checked(parse_fraction),
         default=0.05,
         help="share of requests that update a product (default 0.05)",
+    )
+    add(
+        "--scan",
+        type=_checked(parse_scans),
+        default=0,
+        metavar="N",
+        help="mix N one-time scans of every row (an export) into the requests: the Zipf "
+        "requests are cut into N windows, each with one scan spread evenly through it, "
+        "adding N x rows reads (default 0)",
     )
 
 
@@ -185,13 +165,22 @@ def _add_run_options(bench: argparse.ArgumentParser) -> None:
         help=f"comma-separated, from {','.join(STRATEGIES)} (default: all)",
     )
     add(
+        "--eviction",
+        type=_checked(parse_evictions),
+        help=f"the in-process cache's eviction policies to compare, comma-separated, from "
+        f"{','.join(EVICTIONS)} (default lru); only with --backend memory",
+    )
+    add(
         "--workers",
-        type=_checked(_count),
+        type=_checked(parse_count),
         default=4,
         help="threads replaying the trace (default 4)",
     )
     add(
-        "--seed", type=_checked(_seed), default=1, help="seed of the trace and the data (default 1)"
+        "--seed",
+        type=_checked(parse_seed),
+        default=1,
+        help="seed of the trace and the data (default 1)",
     )
     add("--json", type=Path, metavar="FILE", help="write the results as JSON")
     add("--plot", type=Path, metavar="FILE", help="write a PNG (needs matplotlib: the bench extra)")
@@ -200,7 +189,16 @@ def _add_run_options(bench: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script: ``cachekit bench [options]``; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.eviction is not None and not args.backend.bounded:
+        # A usage error like argparse's own, raised before any work: the policy is the
+        # in-process cache's, and a server's is not ours to choose.
+        parser.exit(
+            2,
+            f"cachekit bench: error: --eviction applies to the in-process cache (--backend "
+            f"memory) only; a {args.backend.kind} server evicts by its own policy (see --help)\n",
+        )
     config = BenchConfig(
         db=args.db,
         backend=args.backend,
@@ -213,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         seed=args.seed,
         keep=args.keep,
+        evictions=args.eviction or ("lru",),
+        scans=args.scan,
     )
     try:
         return bench(config, json_path=args.json, plot_path=args.plot, out=sys.stdout)
@@ -232,6 +232,7 @@ def bench(config: BenchConfig, *, json_path: Path | None, plot_path: Path | None
     """
     began = time.perf_counter()
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    config.check()
     _check_outputs(json_path, plot_path)
     if config.backend.kind != "memory":
         caches.check_reachable(config.backend)
@@ -241,6 +242,7 @@ def bench(config: BenchConfig, *, json_path: Path | None, plot_path: Path | None
         zipf=config.zipf,
         write_ratio=config.write_ratio,
         seed=config.seed,
+        scans=config.scans,
     )
     tables, uncached, results = _measure(config, trace, out)
     seconds = time.perf_counter() - began
@@ -255,8 +257,9 @@ def bench(config: BenchConfig, *, json_path: Path | None, plot_path: Path | None
 
 
 def _measure(config: BenchConfig, trace: Trace, out: Any) -> tuple[list[str], Replay, list[Result]]:
-    """Fill the tables, replay uncached, then each strategy at each size; returns the
-    tables' names, the uncached replay and the results. The tables go afterwards."""
+    """Fill the tables, replay uncached, then each strategy with each eviction policy at
+    each size; returns the tables' names, the uncached replay and the results. The tables
+    go afterwards."""
     with _database(config, out) as db, phases() as start:
         advance = start("creating and filling the tables", config.rows)
         db.create(config.rows, seed=config.seed, advance=advance)
@@ -268,6 +271,7 @@ def _measure(config: BenchConfig, trace: Trace, out: Any) -> tuple[list[str], Re
             _run(
                 config,
                 strategy=strategy,
+                eviction=eviction,
                 size=size,
                 trace=trace,
                 db=db,
@@ -276,6 +280,7 @@ def _measure(config: BenchConfig, trace: Trace, out: Any) -> tuple[list[str], Re
                 start=start,
             )
             for strategy in config.strategies
+            for eviction in config.evictions
             for size in config.run_sizes
         ]
     return [db.products, db.reviews], uncached, results
@@ -294,6 +299,7 @@ def _run(
     config: BenchConfig,
     *,
     strategy: Strategy,
+    eviction: Eviction,
     size: float,
     trace: Trace,
     db: Database,
@@ -301,10 +307,15 @@ def _run(
     optimum: float,
     start: Start,
 ) -> Result:
-    """One strategy at one size: replay through a fresh cache, verify it, clean it up."""
+    """One strategy with one policy at one size: replay through a fresh cache, verify
+    it, clean it up."""
     entries = _entries(config, size)
-    label = f"{strategy} {size:.0%}" if config.backend.bounded else strategy
-    cache = caches.open_cache(config.backend, entries=entries, label=f"{strategy}-{entries}")
+    bounded = config.backend.bounded
+    policy = f" {eviction}" if config.evictions != ("lru",) else ""
+    label = f"{strategy}{policy} {size:.0%}" if bounded else strategy
+    cache = caches.open_cache(
+        config.backend, entries=entries, label=f"{strategy}-{entries}", eviction=eviction
+    )
     try:
         ops = operations(strategy, cache, db, trace)
         run = replay(
@@ -313,7 +324,17 @@ def _run(
         verdict = verify(cache, db, trace.ids)
     finally:
         caches.forget(cache, (key_of(i) for i in set(trace.ids)))
-    return Result(strategy, size, entries, config.backend.bounded, optimum, run, uncached, verdict)
+    return Result(
+        strategy,
+        eviction if bounded else None,
+        size,
+        entries,
+        bounded,
+        optimum,
+        run,
+        uncached,
+        verdict,
+    )
 
 
 def _optima(config: BenchConfig, trace: Trace, start: Start) -> dict[tuple[str, float], float]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import itertools
 import json
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -29,6 +33,19 @@ MODES: dict[str, WriteMode] = {
 }
 # Statements per write: the UPDATE, and for write-through the reload (product + reviews).
 WRITE_QUERIES = {"cache-aside": 1, "read-through": 1, "write-through": 3}
+
+
+def _has_pluggable_eviction() -> bool:
+    from cachekit.backends.memory import MemoryBackend
+
+    return "eviction" in inspect.signature(MemoryBackend).parameters
+
+
+# Only the tests that run SIEVE or S3-FIFO skip, and only while MemoryBackend has no
+# eviction= parameter (issue 13 adds it); everything else runs LRU through the same code.
+needs_eviction = pytest.mark.skipif(
+    not _has_pluggable_eviction(), reason="MemoryBackend has no eviction= parameter yet"
+)
 
 
 @pytest.fixture(scope="session")
@@ -74,9 +91,11 @@ def check_against_lru(document: dict[str, Any], *, tolerance: float) -> None:
         zipf=config["zipf"],
         write_ratio=config["write_ratio"],
         seed=config["seed"],
+        scans=config["scans"],
     )
     writes, reads = sum(trace.writes), trace.reads
     for result in document["results"]:
+        assert result["eviction"] in {"lru", None}, "the simulation is of LRU"
         strategy = result["strategy"]
         size = result["cache_entries"]
         expected = lru_hit_ratio(trace.ids, trace.writes, size, MODES[strategy])
@@ -129,6 +148,57 @@ def test_zipf_exponent_zero_is_uniform() -> None:
     counts = Counter(sampler.sample() for _ in range(20_000))
     assert sorted(counts) == list(range(1, 11))
     assert max(counts.values()) / min(counts.values()) < 1.15
+
+
+def test_the_default_trace_is_the_one_before_scans_existed() -> None:
+    from cachekit.bench.workload import make_trace
+
+    # The digest of make_trace's output before the scans option was added: existing
+    # callers (and their recorded hit ratios) must get the very same requests.
+    trace = make_trace(rows=1000, requests=5000, zipf=0.99, write_ratio=0.05, seed=1)
+    digest = hashlib.sha256(repr((trace.ids, trace.writes)).encode()).hexdigest()
+    assert digest == "f2dc6e5e35b420e37019274f48644c1ab48b42dfb06c1e8ef2021db36e09ba32"
+    again = make_trace(rows=1000, requests=5000, zipf=0.99, write_ratio=0.05, seed=1, scans=0)
+    assert again == trace
+
+
+def test_scans_read_every_row_once_per_window_spread_through_it() -> None:
+    from cachekit.bench.workload import make_trace
+
+    rows, requests, scans = 40, 300, 3
+    # Every Zipf request a write: then the reads are exactly the scans' reads.
+    base = make_trace(rows=rows, requests=requests, zipf=0.99, write_ratio=1.0, seed=4)
+    trace = make_trace(
+        rows=rows, requests=requests, zipf=0.99, write_ratio=1.0, seed=4, scans=scans
+    )
+    assert len(trace) == requests + scans * rows
+    assert trace.reads == scans * rows
+    assert [i for i, w in zip(trace.ids, trace.writes, strict=True) if w] == base.ids
+    reads = [i for i, w in enumerate(trace.writes) if not w]
+    assert [trace.ids[i] for i in reads] == list(range(1, rows + 1)) * scans
+    window = len(trace) // scans  # 140: 100 Zipf requests and one scan of 40 rows
+    for k in range(scans):
+        positions = reads[k * rows : (k + 1) * rows]
+        assert k * window <= positions[0] and positions[-1] < (k + 1) * window
+        # Spread evenly: 2.5 Zipf requests per scan read, never a run of 4.
+        assert max(b - a for a, b in itertools.pairwise(positions)) <= 4
+        assert positions[0] <= k * window + 3 and positions[-1] >= (k + 1) * window - 4
+
+
+def test_scans_add_reads_and_keep_the_zipf_requests_in_order() -> None:
+    from cachekit.bench.workload import make_trace
+
+    base = make_trace(rows=100, requests=2000, zipf=0.99, write_ratio=0.05, seed=2)
+    trace = make_trace(rows=100, requests=2000, zipf=0.99, write_ratio=0.05, seed=2, scans=2)
+    added = Counter(trace.ids)
+    added.subtract(base.ids)
+    assert added == Counter({row: 2 for row in range(1, 101)})
+    assert sum(trace.writes) == sum(base.writes)
+    assert trace.reads == base.reads + 200
+    remaining = iter(zip(trace.ids, trace.writes, strict=True))
+    assert all(request in remaining for request in zip(base.ids, base.writes, strict=True))
+    with pytest.raises(ValueError, match="scans"):
+        make_trace(rows=10, requests=10, zipf=1.0, write_ratio=0.0, seed=1, scans=-1)
 
 
 # -- the offline optimum -----------------------------------------------------------------
@@ -219,6 +289,170 @@ def test_bench_with_threads_stays_within_two_points_of_lru(
     check_against_lru(document, tolerance=0.02)
 
 
+def test_bench_with_scans_and_lru_named_matches_the_lru_simulation(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    document = bench_json(
+        capsys,
+        tmp_path,
+        *("--rows", str(ROWS), "--requests", str(REQUESTS), "--workers", "1", "--scan", "2"),
+        *("--cache-size", "5%,25%", "--strategy", "cache-aside,write-through"),
+        *("--eviction", "lru"),
+    )
+    config = document["config"]
+    assert config["scans"] == 2
+    assert config["evictions"] == ["lru"]
+    assert [(r["strategy"], r["eviction"], r["cache_size"]) for r in document["results"]] == [
+        (strategy, "lru", size)
+        for strategy in ("cache-aside", "write-through")
+        for size in (0.05, 0.25)
+    ]
+    for result in document["results"]:
+        assert result["requests"] == REQUESTS + 2 * ROWS
+    check_against_lru(document, tolerance=1e-6)
+
+
+def test_the_default_table_has_no_eviction_column(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(
+        capsys,
+        "--rows",
+        "40",
+        "--requests",
+        "200",
+        "--cache-size",
+        "10%",
+        "--strategy",
+        "read-through",
+    )
+    assert code == 0, err
+    assert "hit ratio" in out
+    # "evictions" (the count) stays; a column or note about the policy does not appear.
+    assert not re.search(r"\beviction\b", out), out
+
+
+def test_an_eviction_policy_for_a_server_fails_before_any_work(tmp_path: Path) -> None:
+    from cachekit.bench.config import BenchConfig, BenchError, parse_backend_url
+    from cachekit.cli import bench
+
+    config = BenchConfig(
+        db=None,
+        backend=parse_backend_url("redis://127.0.0.1:1/0"),  # nothing listens there
+        rows=10,
+        requests=10,
+        zipf=1.0,
+        write_ratio=0.0,
+        cache_sizes=(0.5,),
+        strategies=("cache-aside",),
+        workers=1,
+        seed=1,
+        evictions=("lru", "sieve"),
+    )
+    # The policy is refused first: not "cannot reach the redis cache".
+    with pytest.raises(BenchError, match=r"in-process cache .* only"):
+        bench(config, json_path=tmp_path / "x.json", plot_path=None, out=None)
+    assert not (tmp_path / "x.json").exists()
+
+
+def _result(strategy: str, eviction: str, size: float, hits: int) -> Any:
+    """A made-up run of 100 reads, for the report and the plot on their own."""
+    from cachekit.backends.memory import MemoryBackend
+    from cachekit.bench.report import Result
+    from cachekit.bench.runner import Replay, Verdict
+    from cachekit.cache import Cache
+
+    def run(hit: int, seconds: float) -> Replay:
+        hit_ms, miss_ms = [0.000002] * hit, [0.00002] * (100 - hit)
+        return Replay(hit_ms, miss_ms, [], 2 * (100 - hit), seconds, sorted(hit_ms + miss_ms))
+
+    verdict = Verdict(0, 0, Cache(MemoryBackend()).stats(), 5)
+    # Half the uncached throughput, so the report says each run did not pay.
+    cached, uncached = run(hits, 0.02), run(0, 0.01)
+    return Result(strategy, eviction, size, int(size * 1000), True, 0.9, cached, uncached, verdict)  # type: ignore[arg-type]
+
+
+def test_report_and_plot_show_each_policy(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import io
+
+    from matplotlib.figure import Figure
+
+    from cachekit.bench.plot import _plot_hits, write_plot
+    from cachekit.bench.report import print_report, verdicts, write_json
+
+    results = [
+        _result("cache-aside", policy, size, hits)
+        for policy, hits in (("lru", 40), ("sieve", 50), ("s3fifo", 55))
+        for size in (0.01, 0.1)
+    ]
+    out = io.StringIO()
+    print_report("title", results, [], out)
+    table = out.getvalue()
+    assert re.search(r"strategy\W+eviction\W+cache size", table), table
+    for policy, ratio in (("lru", "40.0%"), ("sieve", "50.0%"), ("s3fifo", "55.0%")):
+        assert re.search(rf"cache-aside\W+{policy}\W+1% \(10\)\W+{re.escape(ratio)}", table), table
+    # Every run is named with its policy, LRU's too, once several are compared.
+    lines = verdicts(results)
+    assert len(lines) == len(results)
+    for policy in ("lru", "sieve", "s3fifo"):
+        assert any(f"cache-aside with {policy} at 1% (10)" in line for line in lines), lines
+    write_json(tmp_path / "r.json", {}, results)
+    rows = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["results"]
+    assert [(r["eviction"], r["hit_ratio"], r["queries_saved"]) for r in rows] == [
+        ("lru", 0.4, 0.4),
+        ("lru", 0.4, 0.4),
+        ("sieve", 0.5, 0.5),
+        ("sieve", 0.5, 0.5),
+        ("s3fifo", 0.55, 0.55),
+        ("s3fifo", 0.55, 0.55),
+    ]
+    ax = Figure().subplots()
+    _plot_hits(ax, results)
+    labels = ax.get_legend_handles_labels()[1]
+    # One line per policy; their optimum is the same, so one dashed line for it.
+    assert labels == [
+        "cache-aside, lru",
+        "cache-aside, sieve",
+        "cache-aside, s3fifo",
+        "optimum (Belady), cache-aside",
+    ]
+    write_plot(tmp_path / "p.png", "title", results)
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+
+
+@needs_eviction
+def test_bench_compares_policies_and_scans_favour_sieve_and_s3fifo(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    plot = tmp_path / "bench.png"
+    document = bench_json(
+        capsys,
+        tmp_path,
+        *("--rows", "1000", "--requests", "6000", "--workers", "1", "--scan", "2"),
+        *("--cache-size", "5%,25%", "--strategy", "cache-aside"),
+        *("--eviction", "lru,sieve,s3fifo", "--plot", str(plot)),
+    )
+    assert document["config"]["evictions"] == ["lru", "sieve", "s3fifo"]
+    results = {(r["eviction"], r["cache_size"]): r for r in document["results"]}
+    assert list(results) == [
+        (policy, size) for policy in ("lru", "sieve", "s3fifo") for size in (0.05, 0.25)
+    ]
+    for (_, size), result in results.items():
+        assert result["optimal_hit_ratio"] == results["lru", size]["optimal_hit_ratio"]
+        assert result["hit_ratio"] <= result["optimal_hit_ratio"]
+        assert result["evictions"] > 0
+        assert result["stale"] == 0
+        saved = 1 - result["db_queries"] / result["db_queries_uncached"]
+        assert result["queries_saved"] == pytest.approx(saved, abs=1e-5)
+    # The scans flush LRU's hot rows; SIEVE and S3-FIFO evict the once-read rows first.
+    for policy in ("sieve", "s3fifo"):
+        assert results[policy, 0.05]["hit_ratio"] > results["lru", 0.05]["hit_ratio"] + 0.02
+    check_against_lru(
+        {**document, "results": [r for r in document["results"] if r["eviction"] == "lru"]},
+        tolerance=1e-6,
+    )
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_bench_on_postgresql_and_redis(
@@ -231,6 +465,7 @@ def test_bench_on_postgresql_and_redis(
         *("--rows", str(ROWS), "--requests", str(REQUESTS), "--workers", "2"),
     )
     assert document["config"]["size_enforced"] is False
+    assert document["config"]["evictions"] is None
     assert [r["strategy"] for r in document["results"]] == [
         "cache-aside",
         "read-through",
@@ -238,6 +473,7 @@ def test_bench_on_postgresql_and_redis(
     ]
     for result in document["results"]:
         assert result["evictions"] is None
+        assert result["eviction"] is None
         assert result["cache_errors"] == 0
     # Unbounded: the simulation holds every row, so only first reads and writes miss.
     check_against_lru(document, tolerance=0.02)
@@ -353,6 +589,12 @@ def test_peers_benchmark_runs_and_the_lrus_agree(tmp_path: Path) -> None:
         (["--workers", "0"], "must be a positive number"),
         (["--write-ratio", "1.5"], "between 0 and 1"),
         (["--strategy", "write-behind"], "unknown strategy"),
+        (["--eviction", "lru,fifo"], "unknown eviction policy 'fifo'"),
+        (["--scan", "-1"], "cannot be negative"),
+        (["--scan", "two"], "not a whole number"),
+        # Refused before the server is tried: the message is not "cannot reach".
+        (["--backend", "redis://127.0.0.1:1/0", "--eviction", "lru"], "in-process cache"),
+        (["--backend", "memcached://127.0.0.1:1", "--eviction", "sieve"], "in-process cache"),
     ],
 )
 def test_bad_input_is_one_line_and_a_failure(

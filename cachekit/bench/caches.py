@@ -1,9 +1,9 @@
 """The cache under test: a backend for the URL given, checked reachable, emptied after.
 
 Each run gets a fresh backend and namespace, so runs never see each other's entries.
-A percentage of rows can bound the in-process LRU (``maxsize``) but not a Redis or
-memcached server, whose memory limit is its own: there every strategy runs once,
-unbounded, and the report says so.
+A percentage of rows can bound the in-process cache (``maxsize``, evicting by the policy
+asked for) but not a Redis or memcached server, whose memory limit and eviction are its
+own: there every strategy runs once, unbounded, and the report says so.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from cachekit.backends.base import Backend
 from cachekit.backends.memory import MemoryBackend
-from cachekit.bench.config import BackendUrl, BenchError
+from cachekit.bench.config import BackendUrl, BenchError, Eviction
 from cachekit.cache import Cache
 from cachekit.exceptions import CacheError
 
@@ -27,9 +27,13 @@ SERVER_TIMEOUT = 1.0
 _CHUNK = 1000
 
 
-def _backend(url: BackendUrl, entries: int) -> Backend:
+def _backend(url: BackendUrl, entries: int, eviction: Eviction = "lru") -> Backend:
     if url.kind == "memory":
-        return MemoryBackend(maxsize=entries)
+        if eviction == "lru":
+            return MemoryBackend(maxsize=entries)  # the default policy, named by no argument
+        # The ignore is for a MemoryBackend from before pluggable eviction; where the
+        # parameter exists, unused-ignore keeps mypy quiet about it.
+        return MemoryBackend(maxsize=entries, eviction=eviction)  # type: ignore[call-arg, unused-ignore]
     if url.kind == "redis":
         from cachekit.backends.redis import RedisBackend  # noqa: PLC0415 - optional driver
 
@@ -58,11 +62,12 @@ def check_reachable(url: BackendUrl) -> None:
         backend.close()
 
 
-def open_cache(url: BackendUrl, *, entries: int, label: str) -> Cache:
-    """A cache in a namespace of its own; ``entries`` bounds only the in-process LRU."""
+def open_cache(url: BackendUrl, *, entries: int, label: str, eviction: Eviction = "lru") -> Cache:
+    """A cache in a namespace of its own; ``entries`` and ``eviction`` apply only to the
+    in-process cache."""
     namespace = f"cachekit-bench-{label}-{uuid.uuid4().hex[:8]}"
     ttl = None if url.kind == "memory" else SERVER_TTL
-    return Cache(_backend(url, entries), namespace=namespace, ttl=ttl)
+    return Cache(_backend(url, entries, eviction), namespace=namespace, ttl=ttl)
 
 
 def forget(cache: Cache, keys: Iterable[str]) -> None:

@@ -1,4 +1,4 @@
-"""The settings of a bench run, validated: URLs, counts, cache sizes and strategies.
+"""The settings of a bench run, validated: URLs, counts, cache sizes, strategies, policies.
 
 Every parser here raises :class:`BenchError` with a message fit to print as the one
 line a user sees, so the command line can turn any bad input into that line and a
@@ -13,6 +13,7 @@ from typing import Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 __all__ = [
+    "EVICTIONS",
     "STRATEGIES",
     "BackendUrl",
     "BenchConfig",
@@ -20,13 +21,21 @@ __all__ = [
     "DbUrl",
     "parse_backend_url",
     "parse_cache_sizes",
+    "parse_count",
     "parse_db_url",
+    "parse_evictions",
+    "parse_exponent",
+    "parse_fraction",
+    "parse_scans",
+    "parse_seed",
     "parse_strategies",
     "redact",
 ]
 
 Strategy = Literal["cache-aside", "read-through", "write-through"]
 STRATEGIES: tuple[Strategy, ...] = ("cache-aside", "read-through", "write-through")
+Eviction = Literal["lru", "sieve", "s3fifo"]
+EVICTIONS: tuple[Eviction, ...] = ("lru", "sieve", "s3fifo")
 _MAX_PORT = 65535
 
 
@@ -79,6 +88,21 @@ class BenchConfig:
     workers: int
     seed: int
     keep: bool = False
+    # The in-process cache's eviction policies; a server's eviction is its own.
+    evictions: tuple[Eviction, ...] = ("lru",)
+    scans: int = 0  # one-time scans of every row mixed into the trace
+
+    def check(self) -> None:
+        """Refuse what cannot be run, before any work starts.
+
+        Raises:
+            BenchError: an eviction policy other than LRU asked of a server.
+        """
+        if not self.backend.bounded and self.evictions != ("lru",):
+            raise BenchError(
+                f"--eviction applies to the in-process cache (--backend memory) only; a "
+                f"{self.backend.kind} server evicts by its own policy"
+            )
 
     @property
     def db_label(self) -> str:
@@ -185,6 +209,21 @@ def parse_cache_sizes(text: str) -> tuple[float, ...]:
     return tuple(sorted(sizes))
 
 
+def parse_evictions(text: str) -> tuple[Eviction, ...]:
+    """``"lru,sieve,s3fifo"`` as a tuple, in the given order, without repeats."""
+    chosen: list[Eviction] = []
+    for item in text.split(","):
+        name = item.strip()
+        match = next((e for e in EVICTIONS if e == name), None)
+        if match is None:
+            raise BenchError(
+                f"unknown eviction policy {name!r}: choose from {', '.join(EVICTIONS)}"
+            )
+        if match not in chosen:
+            chosen.append(match)
+    return tuple(chosen)
+
+
 def parse_strategies(text: str) -> tuple[Strategy, ...]:
     """``"cache-aside,write-through"`` as a tuple, in the given order, without repeats."""
     chosen: list[Strategy] = []
@@ -196,3 +235,55 @@ def parse_strategies(text: str) -> tuple[Strategy, ...]:
         if match not in chosen:
             chosen.append(match)
     return tuple(chosen)
+
+
+def parse_count(text: str) -> int:
+    """A positive whole number: a count of rows, requests or workers."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise BenchError(f"{value} must be a positive number")
+    return value
+
+
+def parse_fraction(text: str) -> float:
+    """A share between 0 and 1, like the write ratio."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise BenchError(f"{text} must be between 0 and 1")
+    return value
+
+
+def parse_exponent(text: str) -> float:
+    """A Zipf exponent, between 0 and 100."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 100:  # beyond this, every request reads one row anyway
+        raise BenchError(f"the Zipf exponent must be between 0 and 100, got {text}")
+    return value
+
+
+def parse_scans(text: str) -> int:
+    """How many scans to mix into the trace: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise BenchError(f"{value}: the number of scans cannot be negative")
+    return value
+
+
+def parse_seed(text: str) -> int:
+    """Any whole number."""
+    try:
+        return int(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a whole number") from None

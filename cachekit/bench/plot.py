@@ -30,8 +30,8 @@ def require_matplotlib() -> None:
 
 
 def write_plot(path: Path, title: str, results: Sequence[Result]) -> None:
-    """Hit ratio against cache size per strategy with the optimum, and latency cached
-    against uncached, side by side in one PNG."""
+    """Hit ratio against cache size per strategy (and eviction policy) with the
+    optimum, and latency cached against uncached, side by side in one PNG."""
     require_matplotlib()
     from matplotlib.figure import Figure  # noqa: PLC0415 - optional (the bench extra)
 
@@ -46,16 +46,25 @@ def write_plot(path: Path, title: str, results: Sequence[Result]) -> None:
         raise BenchError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
+def _series(result: Result, policies: bool) -> str:
+    """A run's legend entry: the strategy, and the policy when several are compared."""
+    return f"{result.strategy}, {result.eviction}" if policies else result.strategy
+
+
 def _plot_hits(ax: Any, results: Sequence[Result]) -> None:
-    """One solid line per strategy, and its optimum dashed in the same colour (strategies
-    with the same optimum share one dashed line)."""
+    """One solid line per strategy (and eviction policy, when several ran), and its
+    optimum dashed in the same colour (series with the same optimum, such as one
+    strategy's policies, share one dashed line)."""
+    policies = any(r.compared for r in results)
     optima: dict[tuple[tuple[float, float], ...], tuple[list[str], str]] = {}
-    for strategy in dict.fromkeys(r.strategy for r in results):
-        runs = [r for r in results if r.strategy == strategy]
+    for series in dict.fromkeys(_series(r, policies) for r in results):
+        runs = [r for r in results if _series(r, policies) == series]
         xs = [r.cache_size * 100 for r in runs]
-        (line,) = ax.plot(xs, [r.replay.hit_ratio * 100 for r in runs], marker="o", label=strategy)
+        (line,) = ax.plot(xs, [r.replay.hit_ratio * 100 for r in runs], marker="o", label=series)
         curve = tuple((x, r.optimal_hit_ratio * 100) for x, r in zip(xs, runs, strict=True))
-        optima.setdefault(curve, ([], line.get_color()))[0].append(strategy)
+        strategies = optima.setdefault(curve, ([], line.get_color()))[0]
+        if runs[0].strategy not in strategies:
+            strategies.append(runs[0].strategy)
     for curve, (strategies, color) in optima.items():
         label = f"optimum (Belady), {' & '.join(strategies)}"
         ax.plot(*zip(*curve, strict=True), linestyle="--", color=color, label=label)
@@ -72,7 +81,8 @@ def _plot_hits(ax: Any, results: Sequence[Result]) -> None:
 
 
 def _plot_latency(ax: Any, results: Sequence[Result]) -> None:
-    labels = [f"{r.strategy}\n{r.cells()[1]}" for r in results]
+    policies = any(r.compared for r in results)
+    labels = [f"{_series(r, policies)}\n{r.size_cell}" for r in results]
     positions = range(len(results))
     width = 0.4
     ax.bar(

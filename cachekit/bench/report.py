@@ -1,8 +1,8 @@
-"""Showing the results: a progress bar while it runs, then a table and JSON.
+"""Showing the results: a table and JSON.
 
-The table says where caching does not pay as plainly as where it does. rich draws the
-progress bar and the table when it is installed (the ``bench`` extra), plain text
-otherwise. The PNG is :mod:`cachekit.bench.plot`'s job.
+The table says where caching does not pay as plainly as where it does. rich draws it
+when installed (the ``bench`` extra), plain text otherwise. The progress bar while it
+runs is :mod:`cachekit.bench.progress`'s job, the PNG :mod:`cachekit.bench.plot`'s.
 """
 
 from __future__ import annotations
@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from cachekit.bench.config import BenchConfig, BenchError
+from cachekit.bench.config import BenchConfig, BenchError, Eviction
 from cachekit.bench.database import LATEST_REVIEWS
 from cachekit.bench.runner import Replay, Verdict
 
@@ -25,7 +23,6 @@ __all__ = [
     "Result",
     "describe",
     "notes",
-    "phases",
     "print_report",
     "title",
     "verdicts",
@@ -49,9 +46,11 @@ _HEADERS = (
 
 @dataclass(frozen=True)
 class Result:
-    """One strategy at one cache size, next to the uncached replay of the same trace."""
+    """One strategy at one cache size with one eviction policy, next to the uncached
+    replay of the same trace."""
 
     strategy: str
+    eviction: Eviction | None  # None on servers, whose eviction is their own
     cache_size: float  # a fraction of the rows
     cache_entries: int
     size_enforced: bool  # False on servers: the percentage could not bound them
@@ -76,6 +75,7 @@ class Result:
         run, base, stats = self.replay, self.uncached, self.verdict.stats
         return {
             "strategy": self.strategy,
+            "eviction": self.eviction,
             "cache_size": self.cache_size,
             "hit_ratio": round(run.hit_ratio, 6),
             "optimal_hit_ratio": round(self.optimal_hit_ratio, 6),
@@ -107,20 +107,32 @@ class Result:
         }
 
     @property
-    def label(self) -> str:
-        """The run in a sentence: ``cache-aside at 5% (1,000)``."""
+    def compared(self) -> bool:
+        """Whether the policy is not the default, LRU, so output must name it."""
+        return self.eviction not in {None, "lru"}
+
+    def label(self, *, policy: bool) -> str:
+        """The run in a sentence: ``cache-aside at 5% (1,000)``, or with the ``policy``
+        named, ``cache-aside with sieve at 5% (1,000)``."""
         if not self.size_enforced:
             return f"{self.strategy} (unbounded)"
-        return f"{self.strategy} at {self.cache_size:.0%} ({self.cache_entries:,})"
+        named = f" with {self.eviction}" if policy else ""
+        return f"{self.strategy}{named} at {self.cache_size:.0%} ({self.cache_entries:,})"
+
+    @property
+    def size_cell(self) -> str:
+        """The cache size as the table shows it."""
+        if not self.size_enforced:
+            return "unbounded"
+        return f"{self.cache_size:.0%} ({self.cache_entries:,})"
 
     def cells(self) -> list[str]:
-        """The table row."""
+        """The table row, without the eviction policy (a column of its own, when shown)."""
         run, base = self.replay, self.uncached
-        size = f"{self.cache_size:.0%} ({self.cache_entries:,})"
         evictions = self.verdict.evictions
         return [
             self.strategy,
-            size if self.size_enforced else "unbounded",
+            self.size_cell,
             f"{run.hit_ratio:.1%}",
             f"{self.optimal_hit_ratio:.1%}",
             f"{run.queries:,}",
@@ -133,71 +145,53 @@ class Result:
         ]
 
 
-# -- progress -------------------------------------------------------------------------
-
-
-@contextmanager
-def phases() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    """Yield ``start(description, total)``, which returns ``update(done)``.
-
-    A rich progress bar on a terminal; one line per phase on stderr otherwise, so logs
-    still show where a long run is.
-    """
-    try:
-        from rich.console import Console  # noqa: PLC0415 - optional (the bench extra)
-        from rich.progress import Progress  # noqa: PLC0415
-    except ImportError:
-        console = None
-    else:
-        console = Console(stderr=True)
-    if console is None or not console.is_terminal:
-        yield _log_phase
-        return
-    with Progress(console=console, transient=True) as bar:
-
-        def start(description: str, total: int) -> Callable[[int], None]:
-            task = bar.add_task(description, total=total)
-            return lambda done: bar.update(task, completed=done)
-
-        yield start
-
-
-def _log_phase(description: str, total: int) -> Callable[[int], None]:
-    print(f"==> {description} ({total:,})", file=sys.stderr, flush=True)
-    return lambda done: None
-
-
 # -- the table ------------------------------------------------------------------------
+
+
+def _columns(results: Sequence[Result]) -> tuple[list[str], list[list[str]], int]:
+    """The headers, the rows and how many columns are left-aligned labels; an eviction
+    column after the strategy only when some run used a policy other than LRU, so the
+    default run's table stays as it was."""
+    headers, rows = list(_HEADERS), [result.cells() for result in results]
+    if not any(result.compared for result in results):
+        return headers, rows, 2
+    headers.insert(1, "eviction")
+    for row, result in zip(rows, results, strict=True):
+        row.insert(1, result.eviction or "n/a")
+    return headers, rows, 3
 
 
 def print_report(title: str, results: Sequence[Result], notes: Sequence[str], out: TextIO) -> None:
     """The table, then the notes that say how to read it."""
-    rows = [result.cells() for result in results]
+    headers, rows, labels = _columns(results)
     try:
         from rich.console import Console  # noqa: PLC0415 - optional (the bench extra)
         from rich.table import Table  # noqa: PLC0415
     except ImportError:
-        out.write(_plain(title, rows, notes))
+        out.write(_plain(title, headers, rows, notes, labels))
         return
     table = Table(title=title, title_justify="left")
-    for i, header in enumerate(_HEADERS):
-        table.add_column(header, justify="left" if i < 2 else "right")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i < labels else "right")
     for row in rows:
         table.add_row(*row)
-    console = Console(file=out, width=max(140, Console(file=out).width))
+    # Wide enough for every column unwrapped, also when writing to a file or pipe.
+    console = Console(file=out, width=max(140 + 12 * (labels - 2), Console(file=out).width))
     console.print(table)
     for note in notes:
         console.print(note, markup=False, highlight=False)
 
 
-def _plain(title: str, rows: list[list[str]], notes: Sequence[str]) -> str:
-    table = [list(_HEADERS), *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(_HEADERS))]
+def _plain(
+    title: str, headers: list[str], rows: list[list[str]], notes: Sequence[str], labels: int
+) -> str:
+    table = [headers, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     lines = [title]
     for row in table:
         lines.append(
             "  ".join(
-                cell.ljust(w) if i < 2 else cell.rjust(w)
+                cell.ljust(w) if i < labels else cell.rjust(w)
                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))
             )
         )
@@ -206,10 +200,11 @@ def _plain(title: str, rows: list[list[str]], notes: Sequence[str]) -> str:
 
 def title(config: BenchConfig) -> str:
     """What was measured, in one line above the table."""
+    scans = f" + {config.scans} {'scan' if config.scans == 1 else 'scans'}" if config.scans else ""
     return (
         f"cachekit bench: {config.db_label} + {config.backend.label}, {config.rows:,} rows, "
-        f"{config.requests:,} requests, zipf {config.zipf:g}, {config.write_ratio:.0%} writes, "
-        f"{config.workers} workers, seed {config.seed}"
+        f"{config.requests:,} requests{scans}, zipf {config.zipf:g}, "
+        f"{config.write_ratio:.0%} writes, {config.workers} workers, seed {config.seed}"
     )
 
 
@@ -232,6 +227,7 @@ def notes(
             "write-through reloads every product it writes (2 more statements), read again or "
             "not: it buys entries that are fresh after a write, not fewer queries."
         )
+    lines += _eviction_notes(config)
     if not config.backend.bounded:
         lines.append(
             f"cache size: a percentage cannot bound a {config.backend.kind} server, so each "
@@ -244,6 +240,26 @@ def notes(
     errors = sum(r.verdict.stats.errors for r in results)
     if errors:
         lines.append(f"the cache reported {errors:,} errors; those reads fell through to the DB.")
+    return lines
+
+
+def _eviction_notes(config: BenchConfig) -> list[str]:
+    """What the policies and the scans are, when the run has them."""
+    lines = []
+    if config.evictions != ("lru",):
+        lines.append(
+            "eviction: the in-process cache's policy. lru evicts the entry read least "
+            "recently; sieve sweeps from the oldest entry and evicts the first one not read "
+            "since the sweep last passed it; s3fifo admits new entries to a small queue and "
+            "moves to its main queue only those read again there (or evicted recently)."
+        )
+    if config.scans:
+        lines.append(
+            f"scans: {config.scans} x {config.rows:,} one-time reads of every row, in id order, "
+            "mixed into the Zipf requests (an export); they count as reads, so every policy's "
+            "hit ratio and the optimum drop, and a policy that lets a scan flush the hot "
+            "rows drops most."
+        )
     return lines
 
 
@@ -279,17 +295,19 @@ def verdicts(results: Sequence[Result]) -> list[str]:
 
     A run does not pay if it served fewer requests per second than the database alone,
     and only half pays if the median request got slower, whatever the throughput.
+    Runs are named with their eviction policy when some policy is not LRU.
     """
-    lines = [_loss(r) for r in results if r.throughput_ratio < 1]
+    policy = any(r.compared for r in results)
+    lines = [_loss(r, policy) for r in results if r.throughput_ratio < 1]
     lines += [
-        _slower(r)
+        _slower(r, policy)
         for r in results
         if r.throughput_ratio >= 1 and r.replay.percentile(0.5) > r.uncached.percentile(0.5)
     ]
     if not lines and results:
         worst = min(results, key=lambda r: r.throughput_ratio)
         lines.append(
-            f"caching paid in every run: the least, {worst.label}, "
+            f"caching paid in every run: the least, {worst.label(policy=policy)}, "
             f"still ran at {worst.throughput_ratio:.2f}x the uncached throughput."
         )
     return lines
@@ -307,16 +325,16 @@ def _why(r: Result) -> str:
     )
 
 
-def _loss(r: Result) -> str:
+def _loss(r: Result, policy: bool) -> str:
     return (
-        f"caching does NOT pay for {r.label}: {r.throughput_ratio:.2f}x "
+        f"caching does NOT pay for {r.label(policy=policy)}: {r.throughput_ratio:.2f}x "
         f"the uncached throughput; {_why(r)}."
     )
 
 
-def _slower(r: Result) -> str:
+def _slower(r: Result, policy: bool) -> str:
     return (
-        f"{r.label} ran at {r.throughput_ratio:.2f}x the uncached "
+        f"{r.label(policy=policy)} ran at {r.throughput_ratio:.2f}x the uncached "
         f"throughput, but its median request got slower ({r.replay.percentile(0.5):.3f} ms "
         f"against {r.uncached.percentile(0.5):.3f} ms): {_why(r)}."
     )
@@ -336,9 +354,11 @@ def describe(
         "requests": config.requests,
         "zipf": config.zipf,
         "write_ratio": config.write_ratio,
+        "scans": config.scans,
         "cache_sizes": list(config.run_sizes),
         "size_enforced": config.backend.bounded,
         "strategies": list(config.strategies),
+        "evictions": list(config.evictions) if config.backend.bounded else None,
         "workers": config.workers,
         "seed": config.seed,
         "tables": tables,
@@ -353,7 +373,8 @@ def describe(
 
 
 def write_json(path: Path, config: dict[str, Any], results: Sequence[Result]) -> None:
-    """``{"config": {...}, "results": [...]}``, one result per strategy and size."""
+    """``{"config": {...}, "results": [...]}``, one result per strategy, eviction
+    policy and size."""
     document = {"config": config, "results": [r.as_dict() for r in results]}
     try:
         path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

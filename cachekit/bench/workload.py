@@ -2,7 +2,9 @@
 
 Real read traffic is skewed: a few hot rows take most reads, which is what makes a
 cache smaller than the table worth having. A Zipf law with exponent ``s`` (0.99 is the
-YCSB default) gives rank ``k`` a weight ``1 / k**s``; ``s = 0`` is uniform.
+YCSB default) gives rank ``k`` a weight ``1 / k**s``; ``s = 0`` is uniform. Optional
+one-time scans (an export reading every row once) are mixed in to show which eviction
+policies let a scan flush the hot rows out of a small cache.
 """
 
 from __future__ import annotations
@@ -75,11 +77,50 @@ class Trace:
         return {"price_cents": 100 + (index * 7919) % 99_900, "stock": index % 97}
 
 
-def make_trace(*, rows: int, requests: int, zipf: float, write_ratio: float, seed: int) -> Trace:
+def make_trace(
+    *, rows: int, requests: int, zipf: float, write_ratio: float, seed: int, scans: int = 0
+) -> Trace:
     """Draw ``requests`` requests over ids ``1..rows``; the same arguments give the same
-    trace on every machine (``random.Random`` is specified to be reproducible)."""
+    trace on every machine (``random.Random`` is specified to be reproducible).
+
+    Args:
+        scans: how many one-time scans to mix in, like a nightly export reading every row
+            once. The Zipf requests are cut into ``scans`` equal windows, and scan ``k``
+            reads ids ``1..rows`` in order, its reads spread evenly among window ``k``'s
+            requests. Each scan adds ``rows`` reads, never a write, and draws nothing
+            from the random source, so removing them leaves the trace of ``scans=0``.
+            That trace, the default, is what callers got before this option existed.
+    """
+    if scans < 0:
+        raise ValueError(f"scans must be at least 0, got {scans}")
     rng = random.Random(seed)  # noqa: S311 - a workload, not secrets
     sampler = ZipfSampler(rows, zipf, rng)
     ids = [sampler.sample() for _ in range(requests)]
     writes = [rng.random() < write_ratio for _ in range(requests)]
+    if not scans:
+        return Trace(ids, writes)
+    return _with_scans(Trace(ids, writes), rows, scans)
+
+
+def _with_scans(trace: Trace, rows: int, scans: int) -> Trace:
+    """``trace`` with ``scans`` scans of ids ``1..rows`` merged in, one per window."""
+    ids: list[int] = []
+    writes: list[bool] = []
+    bounds = [len(trace) * k // scans for k in range(scans + 1)]
+    for low, high in itertools.pairwise(bounds):
+        window = high - low
+        zipf = scanned = 0
+        while zipf < window or scanned < rows:
+            # Spread evenly: the next request is whichever sits earlier in its own
+            # sequence, as a fraction of that sequence's length (midpoints, cross-multiplied).
+            if scanned < rows and (
+                zipf == window or (2 * scanned + 1) * window < (2 * zipf + 1) * rows
+            ):
+                scanned += 1
+                ids.append(scanned)
+                writes.append(False)
+            else:
+                ids.append(trace.ids[low + zipf])
+                writes.append(trace.writes[low + zipf])
+                zipf += 1
     return Trace(ids, writes)
