@@ -18,13 +18,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from cachekit.backends.eviction import Eviction
 from cachekit.bench import caches
 from cachekit.bench.config import (
     EVICTIONS,
     STRATEGIES,
     BenchConfig,
     BenchError,
-    Eviction,
     Strategy,
     parse_backend_url,
     parse_cache_sizes,

@@ -12,8 +12,9 @@ import uuid
 from collections.abc import Iterable
 
 from cachekit.backends.base import Backend
+from cachekit.backends.eviction import Eviction
 from cachekit.backends.memory import MemoryBackend
-from cachekit.bench.config import BackendUrl, BenchError, Eviction
+from cachekit.bench.config import BackendUrl, BenchError
 from cachekit.cache import Cache
 from cachekit.exceptions import CacheError
 
@@ -29,11 +30,7 @@ _CHUNK = 1000
 
 def _backend(url: BackendUrl, entries: int, eviction: Eviction = "lru") -> Backend:
     if url.kind == "memory":
-        if eviction == "lru":
-            return MemoryBackend(maxsize=entries)  # the default policy, named by no argument
-        # The ignore is for a MemoryBackend from before pluggable eviction; where the
-        # parameter exists, unused-ignore keeps mypy quiet about it.
-        return MemoryBackend(maxsize=entries, eviction=eviction)  # type: ignore[call-arg, unused-ignore]
+        return MemoryBackend(maxsize=entries, eviction=eviction)
     if url.kind == "redis":
         from cachekit.backends.redis import RedisBackend  # noqa: PLC0415 - optional driver
 

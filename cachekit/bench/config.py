@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+from cachekit.backends.eviction import Eviction
 
 __all__ = [
     "EVICTIONS",
@@ -34,8 +36,7 @@ __all__ = [
 
 Strategy = Literal["cache-aside", "read-through", "write-through"]
 STRATEGIES: tuple[Strategy, ...] = ("cache-aside", "read-through", "write-through")
-Eviction = Literal["lru", "sieve", "s3fifo"]
-EVICTIONS: tuple[Eviction, ...] = ("lru", "sieve", "s3fifo")
+EVICTIONS: tuple[Eviction, ...] = get_args(Eviction)
 _MAX_PORT = 65535
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from cachekit.bench.config import BenchConfig, BenchError, Eviction
+from cachekit.backends.eviction import Eviction
+from cachekit.bench.config import BenchConfig, BenchError
 from cachekit.bench.database import LATEST_REVIEWS
 from cachekit.bench.runner import Replay, Verdict
 
