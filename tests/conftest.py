@@ -216,16 +216,18 @@ def expiry(backend: Backend, request: pytest.FixtureRequest) -> Expiry:
         return Expiry(ttl=30.0, wait=lambda: clock.advance(31.0))
     if isinstance(backend, RedisBackend):
         # Redis compares against its own clock on access: real time, which a sleep
-        # never undershoots.
-        return Expiry(ttl=0.05, wait=lambda: time.sleep(0.15))
+        # never undershoots. A whole second: the writes must still be there when a
+        # loaded machine gets round to checking them.
+        return Expiry(ttl=1.0, wait=lambda: time.sleep(1.1))
     if request.node.callspec.params["backend"] == "memcached-pool":
         addresses = [_host_port(name) for name in request.getfixturevalue("memcached_pool")]
     else:
         addresses = [MEMCACHED_ADDRESS]
     # memcached expires an item once its own clock, which ticks once a second (later on
-    # a starved server), passes the exptime: 1 s for a set, 2 s for an add (a lease,
-    # see _add_expire). So wait on that clock, not on ours.
-    return Expiry(ttl=1.0, wait=lambda: wait_for_memcached_clock(addresses, 3))
+    # a starved server), passes the exptime: an item set with exptime 3 lives 2 to 3 s
+    # (enough for a loaded machine to read it back first), an add one second more (a
+    # lease, see _add_expire). So wait on that clock, not on ours.
+    return Expiry(ttl=3.0, wait=lambda: wait_for_memcached_clock(addresses, 5))
 
 
 def _host_port(name: str) -> tuple[str, int]:
