@@ -238,12 +238,23 @@ def parse_strategies(text: str) -> tuple[Strategy, ...]:
     return tuple(chosen)
 
 
-def parse_count(text: str) -> int:
-    """A positive whole number: a count of rows, requests or workers."""
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise BenchError(f"{text!r} is not a whole number") from None
+
+
+def _real(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise BenchError(f"{text!r} is not a number") from None
+
+
+def parse_count(text: str) -> int:
+    """A positive whole number: a count of rows, requests or workers."""
+    value = _whole(text)
     if value < 1:
         raise BenchError(f"{value} must be a positive number")
     return value
@@ -251,10 +262,7 @@ def parse_count(text: str) -> int:
 
 def parse_fraction(text: str) -> float:
     """A share between 0 and 1, like the write ratio."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a number") from None
+    value = _real(text)
     if not 0 <= value <= 1:
         raise BenchError(f"{text} must be between 0 and 1")
     return value
@@ -262,10 +270,7 @@ def parse_fraction(text: str) -> float:
 
 def parse_exponent(text: str) -> float:
     """A Zipf exponent, between 0 and 100."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a number") from None
+    value = _real(text)
     if not 0 <= value <= 100:  # beyond this, every request reads one row anyway
         raise BenchError(f"the Zipf exponent must be between 0 and 100, got {text}")
     return value
@@ -273,10 +278,7 @@ def parse_exponent(text: str) -> float:
 
 def parse_scans(text: str) -> int:
     """How many scans to mix into the trace: a whole number, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a whole number") from None
+    value = _whole(text)
     if value < 0:
         raise BenchError(f"{value}: the number of scans cannot be negative")
     return value
@@ -284,7 +286,4 @@ def parse_scans(text: str) -> int:
 
 def parse_seed(text: str) -> int:
     """Any whole number."""
-    try:
-        return int(text)
-    except ValueError:
-        raise BenchError(f"{text!r} is not a whole number") from None
+    return _whole(text)
