@@ -277,16 +277,41 @@ def test_bench_on_sqlite_and_memory_matches_the_lru_simulation(
     check_against_lru(document, tolerance=1e-6)
 
 
-def test_bench_with_threads_stays_within_two_points_of_lru(
+def test_bench_with_threads_keeps_its_accounting(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    """Three threads replay the trace in an order the scheduler picks, so the hit ratio
+    is not the sequential simulation's (one worker checks that exactly); what holds under
+    every interleaving is checked here: each read is a hit or a miss of two queries, every
+    distinct row misses at least once, nothing is stale, and the cache stays bounded."""
+    from cachekit.bench.workload import make_trace
+
     document = bench_json(
         capsys,
         tmp_path,
         *("--rows", str(ROWS), "--requests", str(REQUESTS), "--workers", "3"),
         *("--cache-size", "10%", "--write-ratio", "0"),
     )
-    check_against_lru(document, tolerance=0.02)
+    config = document["config"]
+    trace = make_trace(
+        rows=config["rows"],
+        requests=config["requests"],
+        zipf=config["zipf"],
+        write_ratio=config["write_ratio"],
+        seed=config["seed"],
+        scans=config["scans"],
+    )
+    distinct = len(set(trace.ids))
+    assert document["results"]
+    for result in document["results"]:
+        assert result["reads"] == trace.reads == REQUESTS, result
+        assert result["stale"] == 0, result
+        assert result["db_queries_uncached"] == 2 * trace.reads, result
+        assert result["db_queries"] % 2 == 0, "a miss reads the product and its reviews"
+        misses = result["db_queries"] // 2
+        assert distinct <= misses <= trace.reads, result
+        assert result["hit_ratio"] == pytest.approx(1 - misses / trace.reads, abs=1e-6)
+        assert result["cache_entries"] == round(0.1 * ROWS), result
 
 
 def test_bench_with_scans_and_lru_named_matches_the_lru_simulation(
@@ -462,7 +487,7 @@ def test_bench_on_postgresql_and_redis(
         capsys,
         tmp_path,
         *("--db", postgres_server, "--backend", redis_server),
-        *("--rows", str(ROWS), "--requests", str(REQUESTS), "--workers", "2"),
+        *("--rows", str(ROWS), "--requests", str(REQUESTS), "--workers", "1"),
     )
     assert document["config"]["size_enforced"] is False
     assert document["config"]["evictions"] is None
@@ -475,8 +500,9 @@ def test_bench_on_postgresql_and_redis(
         assert result["evictions"] is None
         assert result["eviction"] is None
         assert result["cache_errors"] == 0
-    # Unbounded: the simulation holds every row, so only first reads and writes miss.
-    check_against_lru(document, tolerance=0.02)
+    # Unbounded: the simulation holds every row, so only first reads and writes miss; one
+    # worker replays the trace in order, so the figures are exact (threads: see above).
+    check_against_lru(document, tolerance=1e-6)
     with psycopg.connect(postgres_server) as conn:
         for table in document["config"]["tables"]:
             found = conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()
