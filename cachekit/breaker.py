@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from collections.abc import Set as AbstractSet
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable
+from typing import Any, Literal
 
-from cachekit.backends.base import Backend, KeyPolicy
+from cachekit.backends.base import AsyncBackend, Backend
+from cachekit.backends.proxy import AsyncBackendProxy, BackendProxy
 from cachekit.exceptions import BackendError, BackendUnavailable, ConfigurationError
 from cachekit.forks import renew_locks_in_child, reset_in_child
 
-__all__ = ["BreakerBackend", "CircuitBreaker"]
+__all__ = ["AsyncBreakerBackend", "BreakerBackend", "CircuitBreaker"]
 
-T = TypeVar("T")
 State = Literal["closed", "open", "half-open"]
 
 
@@ -103,30 +102,25 @@ class CircuitBreaker:
                 self._opened_at = self.timer()
 
 
-class BreakerBackend:
+class BreakerBackend(BackendProxy):
     """A backend whose calls go through a :class:`CircuitBreaker`.
 
     Any other attribute (``client``, ``evictions``...) is the wrapped backend's.
     """
 
     def __init__(self, inner: Backend, breaker: CircuitBreaker) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.breaker = breaker
-        self.stores_objects = inner.stores_objects
-        self.key_policy: KeyPolicy | None = inner.key_policy
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     def __repr__(self) -> str:
         return f"BreakerBackend({self.inner!r}, state={self.breaker.state})"
 
-    def _call(self, method: Callable[..., T], *args: Any) -> T:
+    def _call(self, name: str, *args: Any) -> Any:
         breaker = self.breaker
         if not breaker.allow():
-            raise BackendUnavailable("circuit open: the backend failed repeatedly; retrying later")
+            raise _open()
         try:
-            result = method(*args)
+            result = getattr(self.inner, name)(*args)
         except BackendError:
             breaker.failed()
             raise
@@ -136,40 +130,32 @@ class BreakerBackend:
         breaker.succeeded()
         return result
 
-    def get(self, key: str) -> Any:
-        return self._call(self.inner.get, key)
 
-    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
-        return self._call(self.inner.get_many, keys)
+class AsyncBreakerBackend(AsyncBackendProxy):
+    """:class:`BreakerBackend` for an async backend; a cancelled call is abandoned."""
 
-    def set(self, key: str, value: Any, ttl: float | None) -> None:
-        self._call(self.inner.set, key, value, ttl)
+    def __init__(self, inner: AsyncBackend, breaker: CircuitBreaker) -> None:
+        super().__init__(inner)
+        self.breaker = breaker
 
-    def set_many(self, items: Mapping[str, Any], ttl: float | None) -> None:
-        self._call(self.inner.set_many, items, ttl)
+    def __repr__(self) -> str:
+        return f"AsyncBreakerBackend({self.inner!r}, state={self.breaker.state})"
 
-    def delete(self, key: str) -> None:
-        self._call(self.inner.delete, key)
+    async def _call(self, name: str, *args: Any) -> Any:
+        breaker = self.breaker
+        if not breaker.allow():
+            raise _open()
+        try:
+            result = await getattr(self.inner, name)(*args)
+        except BackendError:
+            breaker.failed()
+            raise
+        except BaseException:
+            breaker.abandoned()
+            raise
+        breaker.succeeded()
+        return result
 
-    def delete_many(self, keys: Sequence[str]) -> None:
-        self._call(self.inner.delete_many, keys)
 
-    def add(self, key: str, value: Any, ttl: float | None) -> bool:
-        return self._call(self.inner.add, key, value, ttl)
-
-    def add_many(self, items: Mapping[str, Any], ttl: float | None) -> AbstractSet[str]:
-        return self._call(self.inner.add_many, items, ttl)
-
-    def compare_and_set(self, key: str, expected: Any, value: Any, ttl: float | None) -> bool:
-        return self._call(self.inner.compare_and_set, key, expected, value, ttl)
-
-    def compare_and_set_many(
-        self, items: Mapping[str, tuple[Any, Any]], ttl: float | None
-    ) -> AbstractSet[str]:
-        return self._call(self.inner.compare_and_set_many, items, ttl)
-
-    def compare_and_delete(self, key: str, expected: Any) -> bool:
-        return self._call(self.inner.compare_and_delete, key, expected)
-
-    def close(self) -> None:
-        self.inner.close()
+def _open() -> BackendUnavailable:
+    return BackendUnavailable("circuit open: the backend failed repeatedly; retrying later")

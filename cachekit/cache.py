@@ -15,7 +15,6 @@ from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
 from cachekit import codec
 from cachekit.backends.base import MISSING, Backend
-from cachekit.backends.memory import MemoryBackend
 from cachekit.breaker import BreakerBackend, CircuitBreaker
 from cachekit.decorators import CachedFunction, KeySpec, TagSpec, cached
 from cachekit.entries import ENTRY_BYTE, Entry, Loaded, pack, unpack
@@ -121,20 +120,14 @@ class Cache:
             # In-process storage never fails (even serialize=True, which stores bytes); a
             # pool with a breaker per server must not have one server's outage open a
             # breaker over all of them.
-            isolated = (
-                backend.stores_objects
-                or isinstance(backend, MemoryBackend)
-                or getattr(backend, "per_node_breakers", False)
-            )
-            breaker = None if isolated else CircuitBreaker()
+            caps = backend.capabilities
+            breaker = None if caps.in_process or caps.isolates_failures else CircuitBreaker()
         self.breaker = breaker
         self.backend = backend
         # What every call goes through: the backend, behind its breaker if it has one.
         self.store: Backend = backend if breaker is None else BreakerBackend(backend, breaker)
         self.max_value_size: int | None = (
-            getattr(backend, "max_value_size", None)
-            if max_value_size is USE_DEFAULT
-            else max_value_size
+            backend.capabilities.max_value_size if max_value_size is USE_DEFAULT else max_value_size
         )
         self.journal = Journal(
             functools.partial(replay_invalidations, self, self.store),
@@ -159,8 +152,8 @@ class Cache:
         )
         self.lease_poll = poll_seconds(lease_poll)
         self._prefix = self.namespace + ":"
-        self._policy = backend.key_policy
-        self._objects = backend.stores_objects
+        self._policy = backend.capabilities.key_policy
+        self._objects = backend.capabilities.stores_objects
         self._backend_get = self.store.get
         self._counters = Counters()
         self._last_log = float("-inf")

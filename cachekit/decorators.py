@@ -157,13 +157,13 @@ def _wrap_function(
     fill = functools.partial(load_and_fill, cache, policy=policy)
     # The common call shape builds its backend key inline, with no call: only for
     # default keys on backends that take any key string.
-    fast = make_key.spec is None and cache.store.key_policy is None
+    fast = make_key.spec is None and cache.store.capabilities.key_policy is None
     arity = make_key.arity if fast else -1
     full_prefix = cache.backend_key(make_key.prefix)
     chosen = _generic_wrapper(cache, func, make_key, policy, arity=arity, full_prefix=full_prefix)
     # Annotated entries (stale_ttl, early_refresh, tags) need the generic path's checks.
     plain = not policy.annotated and make_key.tags is None
-    if cache.store.stores_objects and plain and arity == 1:
+    if cache.store.capabilities.stores_objects and plain and arity == 1:
         chosen = _object_wrapper(cache, func, fill, full_prefix, chosen)
     functools.update_wrapper(chosen, func)
     controls = _Controls(cache, func, make_key, policy)

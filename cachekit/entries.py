@@ -85,7 +85,7 @@ def pack(
     """
     fresh_until = FOREVER if seconds is None else cache.clock() + seconds
     physical = None if seconds is None else seconds + (stale_ttl or 0.0)
-    if cache.store.stores_objects:
+    if cache.store.capabilities.stores_objects:
         return Entry(loaded.value, fresh_until, loaded.delta, loaded.tags), physical
     tags = b"" if not loaded.tags else json.dumps(sorted(loaded.tags.items())).encode()
     header = ENTRY_BYTE + _HEADER.pack(fresh_until, loaded.delta, len(tags)) + tags

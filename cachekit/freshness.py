@@ -76,8 +76,8 @@ def _refresh(
     tags_of: TagsOf,
     stale: bool,
 ) -> V:
-    lease_key = make_backend_key(cache.namespace + "!", bkey, cache.store.key_policy)
-    marker = new_lease(cache.store.stores_objects)
+    lease_key = make_backend_key(cache.namespace + "!", bkey, cache.store.capabilities.key_policy)
+    marker = new_lease(cache.store.capabilities.stores_objects)
     try:
         acquired = cache.store.add(
             lease_key, marker, policy.lease_ttl or cache.lease_ttl or _REFRESH_LEASE

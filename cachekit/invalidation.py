@@ -80,7 +80,7 @@ def _token() -> str:
 
 def _key(cache: Cache, name: str) -> str:
     # "ns#" can never be produced by a user key, which is always under "ns:".
-    return make_backend_key(cache.namespace + "#", name, cache.store.key_policy)
+    return make_backend_key(cache.namespace + "#", name, cache.store.capabilities.key_policy)
 
 
 def _tag_key(cache: Cache, tag: str) -> str:
@@ -94,7 +94,7 @@ def _decode(raw: Any) -> str | None:
 
 
 def _encode(cache: Cache, token: str) -> Any:
-    return token if cache.store.stores_objects else token.encode("ascii")
+    return token if cache.store.capabilities.stores_objects else token.encode("ascii")
 
 
 def invalidate_tags(cache: Cache, tags: Iterable[str], store: Backend | None = None) -> None:

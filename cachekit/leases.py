@@ -19,7 +19,8 @@ the backend's atomic primitives:
 Limits: a holder that outlives ``lease_ttl`` loses its lease (its fill is rejected
 and another caller loads). A server that evicts a lease early only costs a second
 loader call; neither can store stale data. Waiters give up after ``lease_ttl`` plus
-1.5 seconds and call the loader themselves, without storing its result.
+half a second (plus the backend's TTL slack) and call the loader themselves, without
+storing its result.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ __all__ = ["load_and_fill", "load_many_under_lease", "load_under_lease"]
 K = TypeVar("K")
 V = TypeVar("V")
 
-# Waiters past the lease's own expiry allow this much for it to go and a new holder to
-# appear: memcached keeps a lease up to one second past lease_ttl (its clock ticks in
-# whole seconds; see MemcachedBackend), so less would let every waiter load at once.
-_GRACE = 1.5
+# Waiters past the lease's own expiry allow this much, plus the backend's TTL slack
+# (memcached keeps a lease up to one second past lease_ttl), for it to go and a new
+# holder to appear; less would let every waiter load at once.
+_GRACE = 0.5
 # Lost leases remembered per cache, at most (past it, they expire on their own).
 _LOST_LIMIT = 10_000
 
@@ -127,7 +128,7 @@ def load_under_lease(
     if cache.lost_leases and not _reclaim(cache, bkey):
         return fills.load_uncached(cache, loader)
     while True:
-        marker = new_lease(cache.store.stores_objects)
+        marker = new_lease(cache.store.capabilities.stores_objects)
         try:
             acquired = cache.store.add(bkey, marker, lease_ttl)
         except CacheError as exc:
@@ -137,7 +138,8 @@ def load_under_lease(
             return _load_as_holder(cache, bkey, marker, loader, policy, tags_of)
         if deadline is None:
             cache._counters.lease_waits += 1
-            deadline = time.monotonic() + lease_ttl + _GRACE
+            slack = cache.store.capabilities.ttl_slack
+            deadline = time.monotonic() + lease_ttl + _GRACE + slack
         value = _wait_for_holder(cache, bkey, deadline)
         if value is _GiveUp.GIVE_UP:
             return fills.load_uncached(cache, loader)
@@ -236,7 +238,7 @@ def load_many_under_lease(
     _refuse_reentry(cache, wanted)
     for bkey in [bkey for bkey in wanted if bkey in cache.lost_leases]:
         _reclaim(cache, bkey)  # if it fails, so will its add: it is loaded on its own
-    markers = {bkey: new_lease(cache.store.stores_objects) for bkey in wanted}
+    markers = {bkey: new_lease(cache.store.capabilities.stores_objects) for bkey in wanted}
     try:
         leased = cache.store.add_many(markers, policy.lease_ttl)
     except CacheError as exc:

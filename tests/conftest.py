@@ -194,7 +194,7 @@ def key(backend: Backend, namespace: str) -> Callable[[str], str]:
     """Turn a test's key name into this test's backend key, as the facade would."""
 
     def make(name: str) -> str:
-        return make_backend_key(f"{namespace}:", name, backend.key_policy)
+        return make_backend_key(f"{namespace}:", name, backend.capabilities.key_policy)
 
     return make
 

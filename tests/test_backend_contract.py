@@ -48,7 +48,7 @@ def test_empty_bytes_is_a_hit_not_a_miss(backend: Backend, key: Key) -> None:
 
 
 def test_none_is_a_storable_object(backend: Backend, key: Key) -> None:
-    if not backend.stores_objects:
+    if not backend.capabilities.stores_objects:
         return  # byte backends only ever receive serialized bytes
     backend.set(key("none"), None, None)
     assert backend.get(key("none")) is None
@@ -117,8 +117,8 @@ def test_compare_and_set_matching_rule(backend: Backend, key: Key) -> None:
     stored = distinct(b"value")
     backend.set(key("k"), stored, None)
     swapped = backend.compare_and_set(key("k"), distinct(b"value"), b"new", None)
-    assert swapped is (not backend.stores_objects)
-    if backend.stores_objects:
+    assert swapped is (not backend.capabilities.stores_objects)
+    if backend.capabilities.stores_objects:
         assert backend.compare_and_set(key("k"), stored, b"new", None) is True
 
 

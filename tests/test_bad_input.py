@@ -70,8 +70,8 @@ def test_no_key_ever_reads_another_keys_value(cache: Cache, namespace: str) -> N
     assert {len(encode_key(namespace + ":" + k)) for k in keys} >= {LIMIT - 1, LIMIT, LIMIT + 1}
     bkeys = {cache.backend_key(key) for key in keys}
     assert len(bkeys) == KEY_COUNT  # distinct keys, distinct backend keys
-    if cache.backend.key_policy is not None:
-        limit = cache.backend.key_policy.max_bytes
+    if cache.backend.capabilities.key_policy is not None:
+        limit = cache.backend.capabilities.key_policy.max_bytes
         assert all(len(encode_key(bkey)) <= limit and bkey.isprintable() for bkey in bkeys)
         assert all(" " not in bkey for bkey in bkeys)
 
@@ -137,7 +137,7 @@ def test_falsy_values_are_hits_never_misses(cache: Cache, value: Any) -> None:
 
 
 def byte_backend(cache: Cache) -> None:
-    if cache.backend.stores_objects:
+    if cache.backend.capabilities.stores_objects:
         pytest.skip("the memory backend stores objects: no serializer, no item size")
 
 

@@ -152,7 +152,7 @@ def test_misconfiguration_fails_at_construction() -> None:
 
 
 def test_unserializable_values_raise_a_type_error(backend: Backend, namespace: str) -> None:
-    if backend.stores_objects:
+    if backend.capabilities.stores_objects:
         pytest.skip("the memory backend stores objects by reference")
     cache = Cache(backend, namespace=namespace)
     with pytest.raises(SerializationError) as info:
@@ -196,7 +196,7 @@ def test_failed_invalidations_are_journaled_never_dropped(namespace: str) -> Non
 def test_undecodable_entries_are_misses_that_are_counted_and_deleted(
     backend: Backend, namespace: str
 ) -> None:
-    if backend.stores_objects:
+    if backend.capabilities.stores_objects:
         pytest.skip("the memory backend stores objects, not bytes")
     cache = Cache(backend, namespace=namespace, serializer=PickleSerializer(secret=b"k" * 32))
     bkey = cache.backend_key("k")
@@ -210,7 +210,7 @@ def test_cachekit_markers_are_never_returned(backend: Backend, namespace: str) -
     # A foreign lease that never expires: the waiter gives up after lease_ttl + 1 s.
     cache = Cache(backend, namespace=namespace, lease_ttl=0.1, lease_poll=0.01)
     bkey = cache.backend_key("k")
-    marker = Marker(b"t") if backend.stores_objects else MARKER_BYTE + b"lease"
+    marker = Marker(b"t") if backend.capabilities.stores_objects else MARKER_BYTE + b"lease"
     backend.set(bkey, marker, None)
     assert cache.get("k") is MISSING
     assert cache.get_many(["k"]) == {}

@@ -29,11 +29,13 @@ def cache(backend: Backend, namespace: str) -> Cache:
 
 
 def _epoch_key(cache: Cache) -> str:
-    return make_backend_key(cache.namespace + "#", "epoch", cache.store.key_policy)
+    return make_backend_key(cache.namespace + "#", "epoch", cache.store.capabilities.key_policy)
 
 
 def _tag_key(cache: Cache, tag: str) -> str:
-    return make_backend_key(cache.namespace + "#", "tag:" + tag, cache.store.key_policy)
+    return make_backend_key(
+        cache.namespace + "#", "tag:" + tag, cache.store.capabilities.key_policy
+    )
 
 
 @pytest.mark.parametrize("after_loss", ["nothing", "another fill", "another invalidation"])
@@ -86,7 +88,7 @@ def test_a_lost_lease_marker_rejects_the_fill(cache: Cache, backend: Backend) ->
     def load() -> str:
         assert is_marker(backend.get(bkey))
         backend.delete(bkey)  # the lease is evicted while the loader runs
-        backend.set(bkey, b"newer" if not backend.stores_objects else "newer", 60)
+        backend.set(bkey, b"newer" if not backend.capabilities.stores_objects else "newer", 60)
         return "loaded before"
 
     assert cache.get_or_load("k", load) == "loaded before"

@@ -84,7 +84,7 @@ def test_a_template_key_is_the_logical_key(cache: Cache, namespace: str) -> None
     assert get_user.key(5) == "user:5"
     assert cache.get("user:5") == {"id": 5}
     assert get_user(user_id=5, verbose=True) == {"id": 5}
-    if cache.backend.key_policy is None:
+    if cache.backend.capabilities.key_policy is None:
         assert cache.backend_key("user:5") == f"{namespace}:user:5"
 
 

@@ -127,7 +127,9 @@ def test_a_fill_racing_an_invalidation_is_not_stored(cache: Cache) -> None:
 def test_a_lost_token_turns_entries_into_misses(cache: Cache, backend: Backend) -> None:
     cache.set("e", 1, tags=["t"])
     # The token key was evicted or expired: "ns#tag:t" is where it lives.
-    backend.delete(make_backend_key(cache.namespace + "#", "tag:t", backend.key_policy))
+    backend.delete(
+        make_backend_key(cache.namespace + "#", "tag:t", backend.capabilities.key_policy)
+    )
     assert cache.get("e") is MISSING
 
 

@@ -73,7 +73,7 @@ def test_by_reference_mode_hands_out_the_cached_object() -> None:
 def test_serialize_mode_refuses_exactly_what_a_network_backend_refuses(
     backend: Backend, namespace: str, value: Any
 ) -> None:
-    if backend.stores_objects:
+    if backend.capabilities.stores_objects:
         pytest.skip("compared with a byte backend")
     memory = Cache(MemoryBackend(serialize=True), namespace=namespace)
     network = Cache(backend, namespace=namespace)
@@ -96,7 +96,10 @@ def test_serialize_mode_refuses_exactly_what_a_network_backend_refuses(
 
 def test_serialize_mode_stores_bytes_only() -> None:
     backend = MemoryBackend(serialize=True)
-    assert backend.stores_objects is False and MemoryBackend().stores_objects is True
+    assert (
+        backend.capabilities.stores_objects is False
+        and MemoryBackend().capabilities.stores_objects is True
+    )
     with pytest.raises(TypeError, match="bytes"):
         backend.set("k", "text", None)  # type: ignore[arg-type]
     assert backend.get("k") is MISSING

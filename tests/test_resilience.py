@@ -94,7 +94,7 @@ def test_tag_invalidations_the_server_missed_are_honoured(namespace: str) -> Non
 def test_oversize_values_are_refused_counted_and_never_clobber(
     backend: Backend, namespace: str
 ) -> None:
-    if backend.stores_objects:
+    if backend.capabilities.stores_objects:
         pytest.skip("the memory backend stores objects; it has no item size")
     cache = Cache(backend, namespace=namespace, max_value_size=1000)
     cache.set("k", "small")

@@ -59,7 +59,7 @@ def no_detonations() -> Iterator[None]:
 
 @pytest.fixture
 def cache(backend: Backend, namespace: str) -> Cache:
-    if backend.stores_objects:
+    if backend.capabilities.stores_objects:
         pytest.skip("the memory backend stores objects: nothing is serialized to tamper with")
     return Cache(backend, namespace=namespace, serializer=PickleSerializer(secret=SECRET))
 
@@ -219,7 +219,7 @@ def test_a_plain_entry_never_verifies_as_an_annotated_entry_of_another_key(
     The forger picks a header (fresh for ages, no tags) and lets the application store
     any value under the key ``victim + NUL + sha256(header)``; then copies that signed
     entry, behind the chosen header, to the victim's key."""
-    if cache.backend.key_policy is not None:
+    if cache.backend.capabilities.key_policy is not None:
         pytest.skip("keys with NUL are hashed here, so the forger cannot pick the key")
     header = ENTRY_BYTE + ANNOTATED.pack(1e18, 0.0, 0)
     donor = "victim\x00" + hashlib.sha256(header).hexdigest()

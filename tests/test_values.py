@@ -58,7 +58,7 @@ def unreachable() -> NoReturn:
 @pytest.fixture
 def bytes_backend(backend: Backend) -> Backend:
     """Each backend that stores bytes, so runs a serializer."""
-    if backend.stores_objects:
+    if backend.capabilities.stores_objects:
         pytest.skip("the memory backend stores objects: no serializer runs")
     return backend
 

@@ -278,7 +278,9 @@ def audit(cache: Cache, record: Record, keys: Sequence[str]) -> Audit:
         if is_marker(raw):
             found.markers += 1
             continue
-        value = raw if cache.backend.stores_objects else cache.serializer.loads(raw, bkey)
+        value = (
+            raw if cache.backend.capabilities.stores_objects else cache.serializer.loads(raw, bkey)
+        )
         found.cached += 1
         version = record.read(key)
         if value != version:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -10,7 +11,7 @@ from collections.abc import Set as AbstractSet
 from functools import partial
 from typing import Any, Final, cast
 
-from cachekit.backends.base import MISSING, KeyPolicy
+from cachekit.backends.base import MISSING, Capabilities, KeyPolicy
 from cachekit.backends.memcached_nodes import (
     _check_injected,
     _check_seconds,
@@ -228,12 +229,13 @@ class MemcachedBackend:
             deserialize values.
     """
 
-    stores_objects = False
-    # The facade hashes keys that break this policy, so keys arrive ASCII-safe.
-    key_policy: KeyPolicy | None = KeyPolicy(max_bytes=250)
+    #: The facade hashes keys that break the key policy, so keys arrive ASCII-safe.
     #: memcached's default item limit is 1 MiB including key and item header; a larger
-    #: value is refused by the server (and pymemcache reports it as "stored").
-    max_value_size: int | None = 1024 * 1024 - 512
+    #: value is refused by the server (and pymemcache reports it as "stored"). Its clock
+    #: ticks in whole seconds, so a key may live up to a second past its TTL.
+    capabilities = Capabilities(
+        key_policy=KeyPolicy(max_bytes=250), max_value_size=1024 * 1024 - 512, ttl_slack=1.0
+    )
 
     def __init__(
         self,
@@ -259,9 +261,9 @@ class MemcachedBackend:
             pool_size=pool_size,
         )
         self._nodes = _nodes_for(servers, timeout, connect_timeout, ring, pool_size)
-        #: Whether failures are isolated per server (a pool), so that the Cache needs
-        #: no breaker of its own.
-        self.per_node_breakers = isinstance(self._nodes, _Ring)
+        if isinstance(self._nodes, _Ring):
+            # Failures are isolated per server, so the Cache needs no breaker of its own.
+            self.capabilities = dataclasses.replace(self.capabilities, isolates_failures=True)
         self._tokens = _CasTokens()
         # Off once a server refused the meta command (memcached before 1.6).
         self._meta = True

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from cachekit.backends.base import MISSING, KeyPolicy
+from cachekit.backends.base import MISSING, Capabilities
 from cachekit.backends.eviction import FLAG, LRU, Entry, Eviction, make_policy
 from cachekit.exceptions import ConfigurationError
 from cachekit.forks import renew_locks_in_child, reset_in_child
@@ -59,8 +59,7 @@ class MemoryBackend:
             then false), instead of objects by reference.
     """
 
-    stores_objects: bool = True
-    key_policy: KeyPolicy | None = None
+    capabilities = Capabilities(stores_objects=True, in_process=True)
 
     def __init__(
         self,
@@ -75,6 +74,8 @@ class MemoryBackend:
         self.maxsize = maxsize
         self.eviction = eviction
         self.stores_objects = not serialize
+        if serialize:
+            self.capabilities = Capabilities(in_process=True)
         # compare_and_set matches bytes by equality, objects by identity (the contract).
         self._same: Callable[[Any, Any], bool] = operator.eq if serialize else operator.is_
         self.timer = timer

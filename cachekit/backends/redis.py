@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Final
 
-from cachekit.backends.base import MISSING, KeyPolicy
+from cachekit.backends.base import MISSING, Capabilities
 from cachekit.backends.redis_persistence import warn_if_persistent
 from cachekit.exceptions import (
     BackendError,
@@ -109,8 +109,7 @@ class RedisBackend:
         ConfigurationError: the client decodes responses to ``str``.
     """
 
-    stores_objects = False
-    key_policy: KeyPolicy | None = None
+    capabilities = Capabilities()
 
     def __init__(self, client: redis.Redis | RedisCluster) -> None:
         if client.get_encoder().decode_responses:

@@ -198,7 +198,7 @@ class CachedRepository(Generic[M]):
         return [*rows, self.any_tag, *([self.table_tag] if declared is None else declared)]
 
     def _entity(self, snapshot: Snapshot, session: Session | None) -> M:
-        if self.cache.store.stores_objects:  # the snapshot is the cached object itself
+        if self.cache.store.capabilities.stores_objects:  # the snapshot is the cached object itself
             snapshot = self._rows.unshared(snapshot)
         if session is None:
             return self._rows.instance(snapshot)
