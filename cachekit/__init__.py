@@ -1,6 +1,9 @@
 """cachekit: a caching layer for data access, correct under concurrency and fast on hits."""
 
-from cachekit.backends.base import MISSING, Backend, Missing
+from cachekit.async_cache import AsyncCache
+from cachekit.async_decorators import AsyncCachedFunction
+from cachekit.async_views import AsyncReadThroughView, AsyncWriteThroughView
+from cachekit.backends.base import MISSING, AsyncBackend, Backend, Capabilities, Missing
 from cachekit.breaker import CircuitBreaker
 from cachekit.cache import Cache
 from cachekit.decorators import CachedFunction
@@ -26,6 +29,11 @@ __all__ = [
     "MISSING",
     "TTL",
     "USE_DEFAULT",
+    "AsyncBackend",
+    "AsyncCache",
+    "AsyncCachedFunction",
+    "AsyncReadThroughView",
+    "AsyncWriteThroughView",
     "Backend",
     "BackendError",
     "BackendTimeout",
@@ -34,6 +42,7 @@ __all__ = [
     "CacheError",
     "CacheStats",
     "CachedFunction",
+    "Capabilities",
     "CircuitBreaker",
     "ConfigurationError",
     "DecodeError",

@@ -26,17 +26,24 @@ from typing import (
 from cachekit.backends.base import MISSING
 from cachekit.entries import Entry
 from cachekit.exceptions import CacheError, KeyEncodingError
-from cachekit.freshness import serve
 from cachekit.keycodec import encode
 from cachekit.keymaker import KeyMaker, KeySpec, TagSpec
-from cachekit.leases import load_and_fill
 from cachekit.markers import Marker
 from cachekit.policy import FillPolicy
 
 if TYPE_CHECKING:
     from cachekit.cache import Cache
+    from cachekit.core.state import CacheCore
 
-__all__ = ["CachedFunction", "KeySpec", "TagSpec", "cached", "check_cacheable"]
+__all__ = [
+    "CachedFunction",
+    "CachedMethod",
+    "KeySpec",
+    "TagSpec",
+    "backend_key_of",
+    "cached",
+    "check_cacheable",
+]
 
 P = ParamSpec("P")
 Q = ParamSpec("Q")
@@ -83,12 +90,17 @@ class CachedFunction(Protocol[P, R_co]):
     ) -> CachedFunction[Q, R]: ...
 
 
-def check_cacheable(func: object) -> None:
+def check_cacheable(func: object, *, asynchronous: bool = False) -> None:
     """Refuse what ``@cache.cached`` cannot cache, at decoration, saying what to do.
 
+    Args:
+        asynchronous: the decorator is ``AsyncCache.cached``, which takes ``async def``
+            functions only; ``Cache.cached`` takes plain functions only.
+
     Raises:
-        TypeError: ``func`` is not a plain callable returning a value: an ``async def``,
-            a generator function, or a classmethod/staticmethod object.
+        TypeError: ``func`` is not a callable returning a value the way this cache
+            awaits it: an ``async def`` for ``Cache`` (or a plain ``def`` for
+            ``AsyncCache``), a generator function, or a classmethod/staticmethod object.
     """
     if isinstance(func, classmethod | staticmethod):
         kind = type(func).__name__
@@ -96,16 +108,20 @@ def check_cacheable(func: object) -> None:
     if not callable(func):
         raise TypeError(f"@cache.cached() decorates functions, not {type(func).__name__}")
     name = getattr(func, "__qualname__", repr(func))
-    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
-        raise TypeError(
-            f"@cache.cached() cannot cache {name}: it is async, and the cache would hold"
-            " the coroutine, not its result; async support comes in a later release"
-            " (until then, cache a synchronous function)"
-        )
-    if inspect.isgeneratorfunction(func):
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
         raise TypeError(
             f"@cache.cached() cannot cache {name}: it is a generator function, and a"
             " generator can be consumed only once; return a list (or tuple) instead"
+        )
+    if inspect.iscoroutinefunction(func) and not asynchronous:
+        raise TypeError(
+            f"@cache.cached() cannot cache {name}: it is async, and Cache would hold the"
+            " coroutine, not its result; use cachekit.AsyncCache for async functions"
+        )
+    if asynchronous and not inspect.iscoroutinefunction(func):
+        raise TypeError(
+            f"AsyncCache.cached() cannot cache {name}: it is not an async def; use"
+            " cachekit.Cache for plain functions"
         )
 
 
@@ -144,9 +160,11 @@ def cached(
     def decorate(func: Callable[P, R]) -> CachedFunction[P, R]:
         check_cacheable(func)
         make_key = KeyMaker(func, key, tags)
+        call = _wrap_function(cache, func, make_key, policy)
         if make_key.is_method:
-            return cast("CachedFunction[P, R]", _CachedMethod(cache, func, make_key, policy))
-        return _wrap_function(cache, func, make_key, policy)
+            controls = _Controls(cache, func, make_key, policy)
+            return cast("CachedFunction[P, R]", CachedMethod(func, call, controls))
+        return call
 
     return decorate
 
@@ -154,16 +172,13 @@ def cached(
 def _wrap_function(
     cache: Cache, func: Callable[P, R], make_key: KeyMaker, policy: FillPolicy
 ) -> CachedFunction[P, R]:
-    fill = functools.partial(load_and_fill, cache, policy=policy)
-    # The common call shape builds its backend key inline, with no call: only for
-    # default keys on backends that take any key string.
-    fast = make_key.spec is None and cache.store.capabilities.key_policy is None
-    arity = make_key.arity if fast else -1
-    full_prefix = cache.backend_key(make_key.prefix)
-    chosen = _generic_wrapper(cache, func, make_key, policy, arity=arity, full_prefix=full_prefix)
+    chosen = _generic_wrapper(cache, func, make_key, policy)
     # Annotated entries (stale_ttl, early_refresh, tags) need the generic path's checks.
     plain = not policy.annotated and make_key.tags is None
-    if cache.store.capabilities.stores_objects and plain and arity == 1:
+    fast = make_key.spec is None and cache.key_policy is None
+    if cache.objects and plain and fast and make_key.arity == 1:
+        fill = functools.partial(cache.load_or_serve, found=MISSING, policy=policy, tags_of=None)
+        full_prefix = cache.backend_key(make_key.prefix)
         chosen = _object_wrapper(cache, func, fill, full_prefix, chosen)
     functools.update_wrapper(chosen, func)
     controls = _Controls(cache, func, make_key, policy)
@@ -173,40 +188,48 @@ def _wrap_function(
     return cast("CachedFunction[P, R]", chosen)
 
 
-def _generic_wrapper(
-    cache: Cache,
-    func: Callable[P, R],
-    make_key: KeyMaker,
-    policy: FillPolicy,
-    *,
-    arity: int,
-    full_prefix: str,
-) -> Callable[P, R]:
-    # Everything the hit path needs is bound here, once: each attribute lookup or
-    # call saved is worth ~5% of an in-process hit.
+def backend_key_of(
+    cache: CacheCore, make_key: KeyMaker
+) -> Callable[[tuple[Any, ...], dict[str, Any]], str]:
+    """The backend key of a call's arguments, as a closure prepared once: the common
+    call shape (default keys on a backend that takes any key string, called
+    positionally) builds it inline, with no call to ``make_key``."""
+    fast = make_key.spec is None and cache.key_policy is None
+    arity = make_key.arity if fast else -1
+    full_prefix = cache.backend_key(make_key.prefix)
     backend_key = cache.backend_key
-    lookup = cache._lookup
-    fill = functools.partial(load_and_fill, cache)
 
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    def bkey_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         try:
             if kwargs or len(args) != arity:
-                bkey = backend_key(make_key(args, kwargs))
-            elif arity == 1:
-                bkey = full_prefix + encode(args[0])
-            else:
-                bkey = full_prefix + ",".join(map(encode, args))
+                return backend_key(make_key(args, kwargs))
+            if arity == 1:
+                return full_prefix + encode(args[0])
+            return full_prefix + ",".join(map(encode, args))
         except KeyEncodingError:
             make_key(args, kwargs)  # raises the error naming the argument and the fix
             raise
+
+    return bkey_of
+
+
+def _generic_wrapper(
+    cache: Cache, func: Callable[P, R], make_key: KeyMaker, policy: FillPolicy
+) -> Callable[P, R]:
+    # Everything the hit path needs is bound here, once: each attribute lookup or
+    # call saved is worth ~5% of an in-process hit.
+    bkey_of = backend_key_of(cache, make_key)
+    lookup = cache.lookup
+    load_or_serve = cache.load_or_serve
+    tags_of = make_key.tags_of
+
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        bkey = bkey_of(args, kwargs)
         if (value := lookup(bkey)) is not MISSING and type(value) is not Entry:
             return value  # type: ignore[no-any-return]
         # partial, not a lambda: a closure over args would cost every hit two cells.
         loader = functools.partial(func, *args, **kwargs)
-        tags_of = make_key.tags_of(args, kwargs)
-        if value is MISSING:
-            return fill(bkey, loader, policy, tags_of)
-        return serve(cache, bkey, value, loader, policy, tags_of)
+        return load_or_serve(bkey, value, loader, policy, tags_of(args, kwargs))  # type: ignore[no-any-return]
 
     return wrapper
 
@@ -218,14 +241,14 @@ _NOT_PLAIN = frozenset({type(MISSING), Marker, Entry})
 def _object_wrapper(  # noqa: C901 - the hit path, inlined on purpose (see below)
     cache: Cache,
     func: Callable[P, R],
-    fill: Callable[[str, Callable[[], R]], R],
+    fill: Callable[..., R],
     full_prefix: str,
     generic: Callable[P, R],
 ) -> Callable[P, R]:
     """The in-process, one-argument case, with Cache._lookup inlined: every call or
     branch saved here is ~5% of a hit (measured against cachetools.cached)."""
     backend_get = cache.store.get
-    counters = cache._counters
+    counters = cache.counters
     pending = cache.journal.keys  # updated in place, so this stays current
     not_plain = _NOT_PLAIN
     quoted_prefix = full_prefix + "'"
@@ -250,7 +273,7 @@ def _object_wrapper(  # noqa: C901 - the hit path, inlined on purpose (see below
         try:
             raw = backend_get(bkey)
         except CacheError as exc:
-            cache._read_failed(exc)
+            cache.read_failed(exc)
         else:
             if type(raw) not in not_plain:
                 counters.hits += 1
@@ -258,7 +281,7 @@ def _object_wrapper(  # noqa: C901 - the hit path, inlined on purpose (see below
             if raw is not MISSING:  # a lease, or an annotated entry (a tagged cache.set)
                 return generic(*args, **kwargs)
             counters.misses += 1
-        return fill(bkey, functools.partial(func, *args, **kwargs))
+        return fill(bkey, loader=functools.partial(func, *args, **kwargs))
 
     return object_wrapper
 
@@ -288,22 +311,21 @@ class _Controls(Generic[P, R]):
         loader = functools.partial(self.func, *args, **kwargs)
         tags_of = self.make_key.tags_of(args, kwargs)
         bkey = self.cache.backend_key(key)
-        return load_and_fill(self.cache, bkey, loader, self.policy, tags_of)
+        return self.cache.load_or_serve(bkey, MISSING, loader, self.policy, tags_of)  # type: ignore[no-any-return]
 
 
-class _CachedMethod(Generic[P, R]):
+class CachedMethod(Generic[P, R]):
     """A cached method: binding to an instance binds the controls too.
 
     ``obj.method.invalidate(7)`` must mean the entry of ``obj.method(7)``, which a
     plain function attribute cannot know; so this descriptor hands out bound copies.
+    The same class serves ``AsyncCache``, whose call and controls return awaitables.
     """
 
-    def __init__(
-        self, cache: Cache, func: Callable[P, R], make_key: KeyMaker, policy: FillPolicy
-    ) -> None:
+    def __init__(self, func: Callable[..., Any], call: Callable[P, R], controls: Any) -> None:
         functools.update_wrapper(self, func)
-        self._call = _wrap_function(cache, func, make_key, policy)
-        self._controls = _Controls(cache, func, make_key, policy)
+        self._call = call
+        self._controls = controls
 
     def __get__(self, obj: object, objtype: type | None = None) -> Any:
         if obj is None:
@@ -314,21 +336,21 @@ class _CachedMethod(Generic[P, R]):
         return self._call(*args, **kwargs)
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        return self._controls.key(*args, **kwargs)
+        return self._controls.key(*args, **kwargs)  # type: ignore[no-any-return]
 
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        self._controls.invalidate(*args, **kwargs)
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        return self._controls.invalidate(*args, **kwargs)
 
-    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         return self._controls.refresh(*args, **kwargs)
 
 
 class _BoundCachedMethod:
-    """A :class:`_CachedMethod` bound to one instance (or class, for classmethods)."""
+    """A :class:`CachedMethod` bound to one instance (or class, for classmethods)."""
 
     __slots__ = ("_method", "_obj")
 
-    def __init__(self, method: _CachedMethod[Any, Any], obj: object) -> None:
+    def __init__(self, method: CachedMethod[Any, Any], obj: object) -> None:
         self._method = method
         self._obj = obj
 
@@ -338,8 +360,8 @@ class _BoundCachedMethod:
     def key(self, *args: Any, **kwargs: Any) -> str:
         return self._method.key(self._obj, *args, **kwargs)
 
-    def invalidate(self, *args: Any, **kwargs: Any) -> None:
-        self._method.invalidate(self._obj, *args, **kwargs)
+    def invalidate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._method.invalidate(self._obj, *args, **kwargs)
 
     def refresh(self, *args: Any, **kwargs: Any) -> Any:
         return self._method.refresh(self._obj, *args, **kwargs)

@@ -20,7 +20,7 @@ from cachekit import codec
 from cachekit.exceptions import DecodeError
 
 if TYPE_CHECKING:
-    from cachekit.cache import Cache
+    from cachekit.core.state import CacheCore
     from cachekit.serializers import Serializer
 
 __all__ = ["ENTRY_BYTE", "FOREVER", "Entry", "Loaded", "pack", "unpack"]
@@ -75,7 +75,7 @@ class Loaded:
 
 
 def pack(
-    cache: Cache, bkey: str, loaded: Loaded, seconds: float | None, stale_ttl: float | None
+    core: CacheCore, bkey: str, loaded: Loaded, seconds: float | None, stale_ttl: float | None
 ) -> tuple[Any, float | None]:
     """Encode an annotated entry; return it with its physical TTL (``seconds`` plus
     the stale window).
@@ -83,14 +83,14 @@ def pack(
     Raises:
         SerializationError: the serializer cannot encode the value.
     """
-    fresh_until = FOREVER if seconds is None else cache.clock() + seconds
+    fresh_until = FOREVER if seconds is None else core.clock() + seconds
     physical = None if seconds is None else seconds + (stale_ttl or 0.0)
-    if cache.store.capabilities.stores_objects:
+    if core.objects:
         return Entry(loaded.value, fresh_until, loaded.delta, loaded.tags), physical
     tags = b"" if not loaded.tags else json.dumps(sorted(loaded.tags.items())).encode()
     header = ENTRY_BYTE + _HEADER.pack(fresh_until, loaded.delta, len(tags)) + tags
     # The payload is framed as a plain entry is (see cachekit.codec), and size-checked.
-    return header + cache._encode(_bound_key(bkey, header), loaded.value), physical
+    return header + core.encode(_bound_key(bkey, header), loaded.value), physical
 
 
 def _bound_key(bkey: str, header: bytes) -> str:

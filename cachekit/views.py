@@ -13,22 +13,49 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from cachekit.backends.base import MISSING
+from cachekit.core import leases, reads
 from cachekit.entries import Entry
-from cachekit.freshness import serve
 from cachekit.keycodec import render
-from cachekit.leases import load_and_fill, load_many_under_lease
 from cachekit.policy import FillPolicy
 
 if TYPE_CHECKING:
     from cachekit.cache import Cache
 
-__all__ = ["ReadThroughView", "WriteThroughView"]
+__all__ = ["ReadThroughView", "ViewKeys", "WriteThroughView"]
 
 K = TypeVar("K")
 V = TypeVar("V")
 
 
-class ReadThroughView(Generic[K, V]):
+class ViewKeys(Generic[K, V]):
+    """What the sync and async views share: ids to keys, and each id's tags."""
+
+    def __init__(
+        self,
+        prefix: str,
+        policy: FillPolicy,
+        tags: Callable[[K, V], Iterable[str]] | None,
+    ) -> None:
+        self.prefix = prefix
+        self.policy = policy
+        self._tags = tags
+        self._key_prefix = prefix + ":"
+
+    def key(self, id: K) -> str:
+        """The logical key of ``id``, usable with ``cache.get()``: ``"user:7"`` for 7,
+        ``"user:ada"`` for ``"ada"``, ``"user:%37"`` for ``"7"`` (see
+        :func:`~cachekit.keycodec.render`).
+
+        Raises:
+            KeyEncodingError: ``id`` has no stable encoding.
+        """
+        return self._key_prefix + render(id)
+
+    def _tags_of(self, id: K) -> Callable[[Any], Iterable[str]] | None:
+        return None if self._tags is None else functools.partial(self._tags, id)
+
+
+class ReadThroughView(ViewKeys[K, V]):
     """Values by id, loaded on a miss by ``load(id)`` or, in batches, ``load_many(ids)``.
 
     ``load`` returns ``None`` for an id that does not exist; that answer is cached
@@ -47,38 +74,19 @@ class ReadThroughView(Generic[K, V]):
         policy: FillPolicy | None = None,
         tags: Callable[[K, V], Iterable[str]] | None = None,
     ) -> None:
+        super().__init__(prefix, cache.defaults if policy is None else policy, tags)
         self.cache = cache
-        self.prefix = prefix
-        self.policy = cache.defaults if policy is None else policy
         self._load = load
         self._load_many = load_many
-        self._tags = tags
-        self._key_prefix = prefix + ":"
-
-    def key(self, id: K) -> str:
-        """The logical key of ``id``, usable with ``cache.get()``: ``"user:7"`` for 7,
-        ``"user:ada"`` for ``"ada"``, ``"user:%37"`` for ``"7"`` (see
-        :func:`~cachekit.keycodec.render`).
-
-        Raises:
-            KeyEncodingError: ``id`` has no stable encoding.
-        """
-        return self._key_prefix + render(id)
 
     def get(self, id: K) -> V:
         """Return the value of ``id``, loading and caching it on a miss."""
         bkey = self.cache.backend_key(self.key(id))
-        value = self.cache._lookup(bkey)
+        value = self.cache.lookup(bkey)
         if value is not MISSING and type(value) is not Entry:
             return value  # type: ignore[no-any-return]
         loader = functools.partial(self._load, id)
-        tags_of = self._tags_of(id)
-        if value is MISSING:
-            return load_and_fill(self.cache, bkey, loader, self.policy, tags_of)
-        return serve(self.cache, bkey, value, loader, self.policy, tags_of)
-
-    def _tags_of(self, id: K) -> Callable[[Any], Iterable[str]] | None:
-        return None if self._tags is None else functools.partial(self._tags, id)
+        return self.cache.load_or_serve(bkey, value, loader, self.policy, self._tags_of(id))  # type: ignore[no-any-return]
 
     def get_many(self, ids: Iterable[K]) -> dict[K, V]:
         """Return ``{id: value}`` for the ids that exist.
@@ -89,7 +97,7 @@ class ReadThroughView(Generic[K, V]):
         """
         cache = self.cache
         by_bkey = {cache.backend_key(self.key(id_)): id_ for id_ in ids}
-        found = cache._lookup_many(list(by_bkey))
+        found = cache.run(reads.lookup_many(cache, list(by_bkey)))
         missing = {bkey: id_ for bkey, id_ in by_bkey.items() if bkey not in found}
         if missing:
             found.update(self._load_missing(missing))
@@ -98,13 +106,20 @@ class ReadThroughView(Generic[K, V]):
     def _load_missing(self, missing: dict[str, K]) -> dict[str, Any]:
         cache, policy = self.cache, self.policy
         if policy.lease_ttl is not None:
-            return load_many_under_lease(
-                cache, missing, self._batch_loader, self._load, policy=policy, tags_of=self._tags
+            return cache.run(
+                leases.load_many_under_lease(
+                    cache,
+                    missing,
+                    self._batch_loader,
+                    self._load,
+                    policy=policy,
+                    tags_of=self._tags,
+                )
             )
         # Leases off (the unprotected baseline): one load per id, no batching.
         return {
-            bkey: load_and_fill(
-                cache, bkey, functools.partial(self._load, id_), policy, self._tags_of(id_)
+            bkey: cache.load_or_serve(
+                bkey, MISSING, functools.partial(self._load, id_), policy, self._tags_of(id_)
             )
             for bkey, id_ in missing.items()
         }
@@ -114,7 +129,7 @@ class ReadThroughView(Generic[K, V]):
         (the caller counts one load; the extra per-id calls are counted here)."""
         if self._load_many is not None:
             return self._load_many(ids)
-        self.cache._counters.loads += len(ids) - 1
+        self.cache.counters.loads += len(ids) - 1
         return {id_: self._load(id_) for id_ in ids}
 
     def invalidate(self, id: K) -> None:

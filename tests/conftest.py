@@ -411,3 +411,14 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[Any, str]]:
     monkeypatch.setattr(memcached_module, "Client", counting)
     monkeypatch.setattr(memcached_module, "HashClient", CountingHashClient)
     return counter
+
+
+@pytest.fixture(params=["sync", "async"])
+def both_drivers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the module's tests with ``Cache``, then with ``AsyncCache`` behind
+    ``Cache``'s API (see tests/drivers.py)."""
+    if request.param == "async":
+        from tests.drivers import AsyncAsSync
+
+        monkeypatch.setattr(request.module, "Cache", AsyncAsSync)
+    return str(request.param)

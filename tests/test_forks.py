@@ -26,7 +26,7 @@ from cachekit.backends.memcached_pool import _Node
 from cachekit.backends.memory import MemoryBackend
 from cachekit.backends.redis import RedisBackend
 from cachekit.breaker import CircuitBreaker
-from cachekit.journal import Journal
+from cachekit.core.journal import Journal
 from cachekit.keys import encode_key
 from tests.conftest import cluster_client
 from tests.forking import in_children
@@ -147,7 +147,7 @@ def _breaker() -> tuple[Any, Callable[[], object]]:
 
 
 def _journal() -> tuple[Any, Callable[[], object]]:
-    journal = Journal(lambda keys, tags: None)  # replays nothing: only its lock matters
+    journal = Journal()  # no runner: only its lock matters
 
     def use() -> object:
         journal.record(keys=["k"])

@@ -8,9 +8,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from cachekit import MISSING, Cache, ConfigurationError, fills
+from cachekit import MISSING, Cache, ConfigurationError
 from cachekit.backends.base import Backend
 from cachekit.backends.memory import MemoryBackend
+from cachekit.core import fills
+from cachekit.core.ops import Flow
 from cachekit.entries import Loaded
 from tests.support import FakeClock
 
@@ -180,9 +182,10 @@ def test_early_refresh_follows_the_xfetch_rule(
     cache = Cache(backend, namespace=namespace, ttl=TTL, early_refresh=1.0, clock=clock)
     loads: list[int] = []
 
-    def timed_load(cache: Cache, loader: Callable[[], int], tags_of: object = None) -> Loaded:
+    def timed_load(core: object, loader: Callable[[], int], tags_of: object = None) -> Flow[Loaded]:
         loads.append(1)
         return Loaded(len(loads), 2.0)  # every load "takes" 2 s
+        yield  # a flow that asks for nothing
 
     monkeypatch.setattr(fills, "timed_load", timed_load)
     assert cache.get_or_load("k", lambda: 0) == 1

@@ -359,7 +359,7 @@ def test_get_many_loads_30_misses_with_one_select_and_one_batch_fill(
     assert calls["compare_and_set_many"] == 1, "one batch fill for the 30 misses"
     assert calls["set"] == calls["set_many"] == calls["compare_and_set"] == 0
     # The read, the hits' tag check, the tag tokens of the loaded rows; leases; tokens;
-    # the epoch before the load and again after creating tokens (cachekit.invalidation).
+    # the epoch before the load and again after creating tokens (cachekit.core.tags).
     assert calls["get_many"] == 3 and calls["add_many"] == 2 and calls["get"] == 2
     assert sum(calls.values()) == 8
     repo.close()

@@ -16,6 +16,9 @@ the backend's atomic primitives:
 4. A holder whose loader raises releases its lease with ``compare_and_delete``; a
    holder that dies leaves a lease that expires after ``lease_ttl``.
 
+A holder that is cancelled or interrupted while loading releases its lease on the way
+out, as one whose loader raised.
+
 Limits: a holder that outlives ``lease_ttl`` loses its lease (its fill is rejected
 and another caller loads). A server that evicts a lease early only costs a second
 loader call; neither can store stale data. Waiters give up after ``lease_ttl`` plus
@@ -34,20 +37,22 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cachekit import fills
 from cachekit.backends.base import MISSING
+from cachekit.core import fills
+from cachekit.core.ops import Call, Flow, Sleep
+from cachekit.core.reads import drop_bad, drop_invalidated
+from cachekit.core.state import BAD
 from cachekit.entries import Entry, Loaded
 from cachekit.exceptions import UNSTORABLE, BackendTimeout, CacheError, ReentrantLoadError
 from cachekit.markers import is_marker, new_lease
 from cachekit.policy import FillPolicy
 
 if TYPE_CHECKING:
-    from cachekit.cache import Cache, TagsOf
+    from cachekit.core.state import CacheCore, TagsOf
 
-__all__ = ["load_and_fill", "load_many_under_lease", "load_under_lease"]
+__all__ = ["load_and_fill", "load_many_under_lease", "refuse_reentry"]
 
 K = TypeVar("K")
-V = TypeVar("V")
 
 # Waiters past the lease's own expiry allow this much, plus the backend's TTL slack
 # (memcached keeps a lease up to one second past lease_ttl), for it to go and a new
@@ -65,16 +70,15 @@ _HOLDING: contextvars.ContextVar[frozenset[tuple[int, str]]] = contextvars.Conte
 
 
 @contextlib.contextmanager
-def _holding(cache: Cache, bkeys: Iterable[str]) -> Iterator[None]:
-    ident = id(cache.backend)
-    token = _HOLDING.set(_HOLDING.get() | {(ident, bkey) for bkey in bkeys})
+def _holding(core: CacheCore, bkeys: Iterable[str]) -> Iterator[None]:
+    token = _HOLDING.set(_HOLDING.get() | {(core.identity, bkey) for bkey in bkeys})
     try:
         yield
     finally:
         _HOLDING.reset(token)
 
 
-def _refuse_reentry(cache: Cache, bkeys: Iterable[str]) -> None:
+def refuse_reentry(core: CacheCore, bkeys: Iterable[str]) -> None:
     """Fail fast when a loader asks for a key whose lease its own call holds.
 
     Raises:
@@ -82,9 +86,8 @@ def _refuse_reentry(cache: Cache, bkeys: Iterable[str]) -> None:
     """
     holding = _HOLDING.get()
     if holding:
-        ident = id(cache.backend)
         for bkey in bkeys:
-            if (ident, bkey) in holding:
+            if (core.identity, bkey) in holding:
                 raise ReentrantLoadError(
                     f"the loader of {bkey!r} asked for {bkey!r} itself; it would wait "
                     "for its own lease. Break the recursion, or load that value uncached."
@@ -98,160 +101,174 @@ class _GiveUp(enum.Enum):
 
 
 def load_and_fill(
-    cache: Cache, bkey: str, loader: Callable[[], V], policy: FillPolicy, tags_of: TagsOf = None
-) -> V:
+    core: CacheCore,
+    bkey: str,
+    loader: Callable[[], Any],
+    policy: FillPolicy,
+    tags_of: TagsOf = None,
+) -> Flow[Any]:
     """The miss path after a lookup missed: under a lease unless leases are off."""
-    if cache.journal and bkey in cache.journal.keys:
+    if core.journal and bkey in core.journal.keys:
         # A delete of it is still to be replayed, so the server may hold the old value:
         # a lease's add would find it taken and a waiter would return it. It is not
         # filled either (see fills.pack_fill): load without the cache.
-        return fills.load_uncached(cache, loader)
+        return (yield from fills.load_uncached(core, loader))
     if policy.lease_ttl is not None:
-        return load_under_lease(cache, bkey, loader, policy, tags_of)
-    loaded = fills.timed_load(cache, loader, tags_of)
-    fills.store_unleased(cache, bkey, loaded, policy)
-    return loaded.value  # type: ignore[no-any-return]
+        return (yield from _load_under_lease(core, bkey, loader, policy, tags_of))
+    loaded = yield from fills.timed_load(core, loader, tags_of)
+    yield from fills.store_unleased(core, bkey, loaded, policy)
+    return loaded.value
 
 
-def load_under_lease(
-    cache: Cache,
+def _load_under_lease(
+    core: CacheCore,
     bkey: str,
-    loader: Callable[[], V],
+    loader: Callable[[], Any],
     policy: FillPolicy,
     tags_of: TagsOf = None,
-) -> V:
+) -> Flow[Any]:
     """The miss path: take the lease and load, or wait for the holder's value."""
     lease_ttl = policy.lease_ttl
     assert lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
-    _refuse_reentry(cache, (bkey,))
+    refuse_reentry(core, (bkey,))
     deadline = None
-    if cache.lost_leases and not _reclaim(cache, bkey):
-        return fills.load_uncached(cache, loader)
+    if core.lost_leases and not (yield from _reclaim(core, bkey)):
+        return (yield from fills.load_uncached(core, loader))
     while True:
-        marker = new_lease(cache.store.capabilities.stores_objects)
+        marker = new_lease(core.objects)
         try:
-            acquired = cache.store.add(bkey, marker, lease_ttl)
+            acquired = yield Call("add", (bkey, marker, lease_ttl))
         except CacheError as exc:
-            _lost(cache, {bkey: marker} if isinstance(exc, BackendTimeout) else {}, exc)
-            return fills.load_uncached(cache, loader)
+            _lost(core, {bkey: marker} if isinstance(exc, BackendTimeout) else {}, exc)
+            return (yield from fills.load_uncached(core, loader))
         if acquired:
-            return _load_as_holder(cache, bkey, marker, loader, policy, tags_of)
+            return (yield from _load_as_holder(core, bkey, marker, loader, policy, tags_of))
         if deadline is None:
-            cache._counters.lease_waits += 1
-            slack = cache.store.capabilities.ttl_slack
+            core.counters.lease_waits += 1
+            slack = core.capabilities.ttl_slack
             deadline = time.monotonic() + lease_ttl + _GRACE + slack
-        value = _wait_for_holder(cache, bkey, deadline)
+        value = yield from _wait_for_holder(core, bkey, deadline)
         if value is _GiveUp.GIVE_UP:
-            return fills.load_uncached(cache, loader)
+            return (yield from fills.load_uncached(core, loader))
         if value is not MISSING:
-            return value  # type: ignore[no-any-return]
+            return value
         # MISSING: the lease was released, expired or invalidated; compete again, after
         # a short pause and within the deadline: an entry that can be neither used nor
         # deleted would otherwise make this loop spin.
         if time.monotonic() >= deadline:
-            return fills.load_uncached(cache, loader)
-        pause = cache.lease_poll / 8 * random.uniform(0.5, 1.5)  # noqa: S311
-        time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            return (yield from fills.load_uncached(core, loader))
+        pause = core.lease_poll / 8 * random.uniform(0.5, 1.5)  # noqa: S311
+        yield Sleep(max(0.0, min(pause, deadline - time.monotonic())))
 
 
-def _wait_for_holder(cache: Cache, bkey: str, deadline: float) -> Any:
+def _wait_for_holder(core: CacheCore, bkey: str, deadline: float) -> Flow[Any]:
     """Poll until the key holds a value (returned), no lease (MISSING), or time is up."""
-    delay = cache.lease_poll / 8
+    delay = core.lease_poll / 8
     while True:
         try:
-            raw = cache.store.get(bkey)
+            raw = yield Call("get", (bkey,))
         except CacheError as exc:
-            cache._read_failed(exc, count=0)
+            core.read_failed(exc, count=0)
             return _GiveUp.GIVE_UP
         if raw is MISSING:
             return MISSING
         if not is_marker(raw):
-            value = cache._decode(bkey, raw)  # MISSING if undecodable (and now deleted)
-            if type(value) is not Entry:
-                return value
-            if value.tags and cache._drop_invalidated({bkey: value}):
-                return MISSING  # its tags were invalidated; it is gone now
-            return value.value
+            return (yield from _holders_value(core, bkey, raw))
         if time.monotonic() >= deadline:
             return _GiveUp.GIVE_UP
         # Full jitter keeps waiters from polling in lockstep.
         # Never past the deadline: a waiter then gives up and loads on its own.
         pause = delay * random.uniform(0.5, 1.0)  # noqa: S311 - never over lease_poll
-        time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
-        delay = min(delay * 2, cache.lease_poll)
+        yield Sleep(max(0.0, min(pause, deadline - time.monotonic())))
+        delay = min(delay * 2, core.lease_poll)
+
+
+def _holders_value(core: CacheCore, bkey: str, raw: Any) -> Flow[Any]:
+    """The value a holder stored, or MISSING if it is undecodable or its tags were
+    invalidated (either way it is deleted now)."""
+    value = core.decode(bkey, raw)
+    if value is BAD:
+        yield from drop_bad(core, bkey)
+        return MISSING
+    if type(value) is not Entry:
+        return value
+    if value.tags and (yield from drop_invalidated(core, {bkey: value})):
+        return MISSING
+    return value.value
 
 
 def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
-    cache: Cache,
+    core: CacheCore,
     bkey: str,
     marker: Any,
-    loader: Callable[[], V],
+    loader: Callable[[], Any],
     policy: FillPolicy,
     tags_of: TagsOf,
-) -> V:
+) -> Flow[Any]:
     try:
-        with _holding(cache, (bkey,)):
-            loaded = fills.timed_load(cache, loader, tags_of)
+        with _holding(core, (bkey,)):
+            loaded = yield from fills.timed_load(core, loader, tags_of)
     except BaseException:
-        _release(cache, bkey, marker)  # let a waiter take over now, not at lease expiry
+        # Raised or cancelled: let a waiter take over now, not at lease expiry.
+        yield from _release(core, bkey, marker)
         raise
-    value: V = loaded.value
+    value = loaded.value
     try:
-        packed = fills.pack_fill(cache, bkey, loaded, policy)
+        packed = fills.pack_fill(core, bkey, loaded, policy)
     except UNSTORABLE as exc:
         # The call must still work; the error is the caller's to see in stats and logs.
-        _release(cache, bkey, marker)
-        cache._write_failed(exc)
+        yield from _release(core, bkey, marker)
+        core.write_failed(exc)
         return value
     except BaseException:
-        _release(cache, bkey, marker)  # never leave waiters to sit out the lease
+        yield from _release(core, bkey, marker)  # never leave waiters to sit out the lease
         raise
     if packed is None:  # nothing to store (a None with negative caching off)
-        _release(cache, bkey, marker)
+        yield from _release(core, bkey, marker)
         return value
     try:
-        stored = cache.store.compare_and_set(bkey, marker, *packed)
+        stored = yield Call("compare_and_set", (bkey, marker, *packed))
     except CacheError as exc:
-        _lost(cache, {bkey: marker}, exc)
+        _lost(core, {bkey: marker}, exc)
         return value
     except BaseException:
-        _remember(cache, {bkey: marker})  # interrupted mid-fill: the next miss reclaims it
+        _remember(core, {bkey: marker})  # interrupted mid-fill: the next miss reclaims it
         raise
     if not stored:
-        cache._counters.fills_rejected += 1
+        core.counters.fills_rejected += 1
     return value
 
 
 def load_many_under_lease(
-    cache: Cache,
+    core: CacheCore,
     wanted: Mapping[str, K],
-    load_many: Callable[[list[K]], Mapping[K, Any]],
+    load_many: Callable[[list[K]], Any],
     load_one: Callable[[K], Any],
     *,
     policy: FillPolicy,
     tags_of: Callable[[K, Any], Iterable[str]] | None = None,
-) -> dict[str, Any]:
+) -> Flow[dict[str, Any]]:
     """The batch miss path: one ``add_many`` for the leases, one ``load_many`` for the
     keys leased, one ``compare_and_set_many`` per TTL to fill them. Keys leased by
     someone else are waited for one by one. Returns ``{bkey: value or None}``."""
     assert policy.lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
-    _refuse_reentry(cache, wanted)
-    for bkey in [bkey for bkey in wanted if bkey in cache.lost_leases]:
-        _reclaim(cache, bkey)  # if it fails, so will its add: it is loaded on its own
-    markers = {bkey: new_lease(cache.store.capabilities.stores_objects) for bkey in wanted}
+    refuse_reentry(core, wanted)
+    for bkey in [bkey for bkey in wanted if bkey in core.lost_leases]:
+        yield from _reclaim(core, bkey)  # if it fails, so will its add: loaded on its own
+    markers = {bkey: new_lease(core.objects) for bkey in wanted}
     try:
-        leased = cache.store.add_many(markers, policy.lease_ttl)
+        leased = yield Call("add_many", (markers, policy.lease_ttl))
     except CacheError as exc:
-        _lost(cache, markers if isinstance(exc, BackendTimeout) else {}, exc)
+        _lost(core, markers if isinstance(exc, BackendTimeout) else {}, exc)
         leased = set()
     mine = {bkey: wanted[bkey] for bkey in wanted if bkey in leased}
     results: dict[str, Any] = {}
     if mine:
         batch_tags = None if tags_of is None else functools.partial(_batch_tags, tags_of, mine)
         try:
-            with _holding(cache, mine):
-                batch = fills.timed_load(
-                    cache, functools.partial(load_many, list(mine.values())), batch_tags
+            with _holding(core, mine):
+                batch = yield from fills.timed_load(
+                    core, functools.partial(load_many, list(mine.values())), batch_tags
                 )
             results = {bkey: batch.value.get(id_) for bkey, id_ in mine.items()}
             leased_fills = {
@@ -260,14 +277,14 @@ def load_many_under_lease(
             }
         except BaseException:
             for bkey in mine:
-                _release(cache, bkey, markers[bkey])
+                yield from _release(core, bkey, markers[bkey])
             raise
-        _fill_many(cache, leased_fills, policy)
+        yield from _fill_many(core, leased_fills, policy)
     for bkey, id_ in wanted.items():
         if bkey not in leased:
             one_tags = None if tags_of is None else functools.partial(tags_of, id_)
             load = functools.partial(load_one, id_)
-            results[bkey] = load_and_fill(cache, bkey, load, policy, one_tags)
+            results[bkey] = yield from load_and_fill(core, bkey, load, policy, one_tags)
     return results
 
 
@@ -288,77 +305,82 @@ def _one(
     return Loaded(value, batch.delta, tokens)
 
 
-def _fill_many(cache: Cache, leased: Mapping[str, tuple[Any, Loaded]], policy: FillPolicy) -> None:
+def _fill_many(
+    core: CacheCore, leased: Mapping[str, tuple[Any, Loaded]], policy: FillPolicy
+) -> Flow[None]:
     """Store leased values ``{bkey: (marker, loaded)}``, one batch per physical TTL."""
     try:
-        groups = _pack_many(cache, leased, policy)
+        groups, unstored = _pack_many(core, leased, policy)
     except BaseException:
         for bkey, (marker, _) in leased.items():
-            _release(cache, bkey, marker)  # a no-op for those already released
+            yield from _release(core, bkey, marker)
         raise
+    for bkey in unstored:
+        yield from _release(core, bkey, leased[bkey][0])
     for seconds, items in groups.items():
         try:
-            stored = cache.store.compare_and_set_many(items, seconds)
+            stored = yield Call("compare_and_set_many", (items, seconds))
         except CacheError as exc:
-            _lost(cache, {bkey: marker for bkey, (marker, _) in items.items()}, exc)
+            _lost(core, {bkey: marker for bkey, (marker, _) in items.items()}, exc)
             continue
         except BaseException:
-            _remember(cache, {bkey: marker for bkey, (marker, _) in items.items()})
+            _remember(core, {bkey: marker for bkey, (marker, _) in items.items()})
             raise
-        cache._counters.fills_rejected += len(items) - len(stored)
+        core.counters.fills_rejected += len(items) - len(stored)
 
 
 def _pack_many(
-    cache: Cache, leased: Mapping[str, tuple[Any, Loaded]], policy: FillPolicy
-) -> dict[float | None, dict[str, tuple[Any, Any]]]:
-    """Encode leased values, grouped by physical TTL; release the leases of those that
-    must not be stored."""
+    core: CacheCore, leased: Mapping[str, tuple[Any, Loaded]], policy: FillPolicy
+) -> tuple[dict[float | None, dict[str, tuple[Any, Any]]], list[str]]:
+    """Encode leased values, grouped by physical TTL; and the keys of those that must
+    not be stored (their leases are to be released)."""
     groups: dict[float | None, dict[str, tuple[Any, Any]]] = {}
+    unstored = []
     for bkey, (marker, loaded) in leased.items():
         try:
-            packed = fills.pack_fill(cache, bkey, loaded, policy)
+            packed = fills.pack_fill(core, bkey, loaded, policy)
         except UNSTORABLE as exc:
-            cache._write_failed(exc)
+            core.write_failed(exc)
             packed = None
         if packed is None:
-            _release(cache, bkey, marker)
+            unstored.append(bkey)
         else:
             data, seconds = packed
             groups.setdefault(seconds, {})[bkey] = (marker, data)
-    return groups
+    return groups, unstored
 
 
-def _release(cache: Cache, bkey: str, marker: Any) -> None:
+def _release(core: CacheCore, bkey: str, marker: Any) -> Flow[None]:
     try:
-        cache.store.compare_and_delete(bkey, marker)
+        yield Call("compare_and_delete", (bkey, marker))
     except CacheError as exc:
-        _lost(cache, {bkey: marker}, exc)
+        _lost(core, {bkey: marker}, exc)
 
 
-def _lost(cache: Cache, markers: Mapping[str, Any], exc: CacheError) -> None:
+def _lost(core: CacheCore, markers: Mapping[str, Any], exc: CacheError) -> None:
     """Lease writes failed in flight, so their markers may sit on the server held by
     nobody: an ``add`` that timed out yet landed once the server woke up, a lease whose
     fill or release never arrived. Waiters would sit such a marker out for
     ``lease_ttl``; remembered here, it is deleted by the next miss on its key."""
-    cache._write_failed(exc)
-    _remember(cache, markers)
+    core.write_failed(exc)
+    _remember(core, markers)
 
 
-def _remember(cache: Cache, markers: Mapping[str, Any]) -> None:
-    if len(cache.lost_leases) + len(markers) <= _LOST_LIMIT:
-        cache.lost_leases.update(markers)
+def _remember(core: CacheCore, markers: Mapping[str, Any]) -> None:
+    if len(core.lost_leases) + len(markers) <= _LOST_LIMIT:
+        core.lost_leases.update(markers)
 
 
-def _reclaim(cache: Cache, bkey: str) -> bool:
+def _reclaim(core: CacheCore, bkey: str) -> Flow[bool]:
     """Delete this cache's lost lease on ``bkey``, if any (only that marker: never a
     value or another caller's lease). False if the server failed: don't wait on it."""
-    marker = cache.lost_leases.pop(bkey, MISSING)
+    marker = core.lost_leases.pop(bkey, MISSING)
     if marker is MISSING:
         return True
     try:
-        cache.store.compare_and_delete(bkey, marker)
+        yield Call("compare_and_delete", (bkey, marker))
     except CacheError as exc:
-        cache.lost_leases.setdefault(bkey, marker)
-        cache._write_failed(exc)
+        core.lost_leases.setdefault(bkey, marker)
+        core.write_failed(exc)
         return False
     return True

@@ -50,21 +50,21 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from cachekit.backends.base import MISSING
+from cachekit.core.ops import Call, Flow
 from cachekit.entries import Entry
 from cachekit.exceptions import BackendError, CacheError
 from cachekit.keys import make_backend_key
 
 if TYPE_CHECKING:
-    from cachekit.backends.base import Backend
-    from cachekit.breaker import CircuitBreaker
-    from cachekit.cache import Cache
+    from cachekit.core.state import CacheCore
 
 __all__ = [
     "UNBOUNDED_TOKEN_TTL",
-    "TagGuard",
-    "invalidate_tags",
-    "replay_invalidations",
+    "current_epoch",
+    "invalidate",
     "stale_entries",
+    "token_ttl",
+    "tokens",
 ]
 
 _EPOCH = "epoch"
@@ -78,13 +78,13 @@ def _token() -> str:
     return os.urandom(8).hex()
 
 
-def _key(cache: Cache, name: str) -> str:
+def _key(core: CacheCore, name: str) -> str:
     # "ns#" can never be produced by a user key, which is always under "ns:".
-    return make_backend_key(cache.namespace + "#", name, cache.store.capabilities.key_policy)
+    return make_backend_key(core.namespace + "#", name, core.key_policy)
 
 
-def _tag_key(cache: Cache, tag: str) -> str:
-    return _key(cache, "tag:" + tag)
+def _tag_key(core: CacheCore, tag: str) -> str:
+    return _key(core, "tag:" + tag)
 
 
 def _decode(raw: Any) -> str | None:
@@ -93,118 +93,97 @@ def _decode(raw: Any) -> str | None:
     return raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
 
 
-def _encode(cache: Cache, token: str) -> Any:
-    return token if cache.store.capabilities.stores_objects else token.encode("ascii")
+def _encode(core: CacheCore, token: str) -> Any:
+    return token if core.objects else token.encode("ascii")
 
 
-def invalidate_tags(cache: Cache, tags: Iterable[str], store: Backend | None = None) -> None:
+def token_ttl(core: CacheCore) -> float:
+    """The TTL tag tokens are based on (they live twice as long): the entries' TTL, or
+    a day for entries without one, so that tokens always expire."""
+    base = UNBOUNDED_TOKEN_TTL if core.ttl is None else core.ttl
+    return max(base, core.none_ttl or 0.0)
+
+
+def invalidate(core: CacheCore, tags: Iterable[str], *, direct: bool = False) -> Flow[None]:
     """Move the epoch, then drop the tags' tokens: two round trips for any number.
 
-    ``store`` is the cache's own (behind its breaker) unless given.
+    ``direct`` goes past the breaker (the journal's background replay).
 
     Raises:
         BackendError: the invalidation may not have happened; entries may be stale.
     """
-    keys = [_tag_key(cache, tag) for tag in dict.fromkeys(tags)]
+    keys = [_tag_key(core, tag) for tag in dict.fromkeys(tags)]
     if not keys:
         return
-    store = cache.store if store is None else store
     # The epoch expires so that idle namespaces leave nothing behind; a missing epoch
     # only makes fills that straddle its expiry be rejected, never stored stale.
     try:
-        store.set(_key(cache, _EPOCH), _encode(cache, _token()), _EPOCH_TTL)
+        yield Call("set", (_key(core, _EPOCH), _encode(core, _token()), _EPOCH_TTL), direct)
     except CacheError:
         # The epoch's server failed, but the tokens may live on servers that answer (a
         # pool): drop them anyway, or their entries stay readable there for the whole
         # outage. The failure still propagates, so the tags stay journaled.
-        store.delete_many(keys)
+        yield Call("delete_many", (keys,), direct)
         raise
-    store.delete_many(keys)
+    yield Call("delete_many", (keys,), direct)
 
 
-def replay_invalidations(
-    cache: Cache,
-    store: Backend,
-    keys: list[str],
-    tags: list[str],
-    *,
-    breaker: CircuitBreaker | None = None,
-) -> None:
-    """Replay journaled invalidations on ``store``; a success closes ``breaker``.
-
-    Raises:
-        BackendError: the server failed; they stay journaled.
-    """
-    if keys:
-        store.delete_many(keys)
-    if tags:
-        invalidate_tags(cache, tags, store)
-    if breaker is not None:
-        breaker.succeeded()  # the server answered: this was the breaker's probe
-
-
-class TagGuard:
-    """The epoch seen before a tagged load; at fill time, the tokens to store with it.
+def current_epoch(core: CacheCore) -> Flow[str]:
+    """The namespace's epoch, read before a tagged load; created first if there is none
+    (see the module docstring: a fill that saw "no epoch" could not tell a lost
+    invalidation from none at all).
 
     Raises:
         BackendError: the epoch could not be read or created; the fill must not be stored.
     """
-
-    def __init__(self, cache: Cache, *, check_epoch: bool = True) -> None:
-        self._cache = cache
-        # A direct set is the newest value by definition: it needs no epoch.
-        self._epoch = _current_epoch(cache) if check_epoch else None
-
-    def tokens(self, tags: Iterable[str], ttl: float) -> dict[str, str] | None:
-        """Each tag's current token, creating missing ones; ``None`` if the epoch moved.
-
-        Raises:
-            BackendError: the tokens could not be read; the fill must not be stored.
-        """
-        cache = self._cache
-        check_epoch = self._epoch is not None
-        wanted = {_tag_key(cache, tag): tag for tag in dict.fromkeys(tags)}
-        epoch_key = _key(cache, _EPOCH)
-        found = cache.store.get_many([epoch_key, *wanted] if check_epoch else list(wanted))
-        if check_epoch and _decode(found.pop(epoch_key, MISSING)) != self._epoch:
-            return None
-        tokens = {wanted[key]: _decode(raw) or "" for key, raw in found.items()}
-        missing = {key: _token() for key in wanted if key not in found}
-        if missing:
-            # A token outlives its entries' TTL where it can; if it goes first, its
-            # entries become misses, never stale hits.
-            added = cache.store.add_many(
-                {key: _encode(cache, token) for key, token in missing.items()},
-                2 * ttl,
-            )
-            if len(added) < len(missing):
-                return None  # created concurrently: don't guess which token is current
-            tokens.update({wanted[key]: token for key, token in missing.items()})
-            # A token created here may postdate an invalidation that found none to
-            # delete: the epoch, which invalidate_tags moves first, tells.
-            if check_epoch and _decode(cache.store.get(epoch_key)) != self._epoch:
-                return None
-        return tokens
-
-
-def _current_epoch(cache: Cache) -> str:
-    """The namespace's epoch, created first if there is none (see the module docstring:
-    a fill that saw "no epoch" could not tell a lost invalidation from none at all)."""
-    key = _key(cache, _EPOCH)
-    epoch = _decode(cache.store.get(key))
+    key = _key(core, _EPOCH)
+    epoch = _decode((yield Call("get", (key,))))
     if epoch is not None:
         return epoch
     token = _token()
-    if cache.store.add(key, _encode(cache, token), _EPOCH_TTL):
+    if (yield Call("add", (key, _encode(core, token), _EPOCH_TTL))):
         return token
     # Created concurrently, by a fill or an invalidation: that one is current.
-    epoch = _decode(cache.store.get(key))
+    epoch = _decode((yield Call("get", (key,))))
     if epoch is None:  # lost again at once; a later fill will try again
         raise BackendError("the tag epoch could not be created; the fill is not stored")
     return epoch
 
 
-def stale_entries(cache: Cache, entries: Mapping[str, Entry]) -> set[str]:
+def tokens(
+    core: CacheCore, epoch: str | None, tags: Iterable[str], ttl: float
+) -> Flow[dict[str, str] | None]:
+    """Each tag's current token, creating missing ones; ``None`` if the epoch moved
+    since :func:`current_epoch` returned ``epoch`` (``None``: a direct set, the newest
+    value by definition, checks no epoch).
+
+    Raises:
+        BackendError: the tokens could not be read; the fill must not be stored.
+    """
+    check_epoch = epoch is not None
+    wanted = {_tag_key(core, tag): tag for tag in dict.fromkeys(tags)}
+    epoch_key = _key(core, _EPOCH)
+    found = yield Call("get_many", ([epoch_key, *wanted] if check_epoch else list(wanted),))
+    if check_epoch and _decode(found.pop(epoch_key, MISSING)) != epoch:
+        return None
+    current = {wanted[key]: _decode(raw) or "" for key, raw in found.items()}
+    missing = {key: _token() for key in wanted if key not in found}
+    if missing:
+        # A token outlives its entries' TTL where it can; if it goes first, its
+        # entries become misses, never stale hits.
+        encoded = {key: _encode(core, token) for key, token in missing.items()}
+        added = yield Call("add_many", (encoded, 2 * ttl))
+        if len(added) < len(missing):
+            return None  # created concurrently: don't guess which token is current
+        current.update({wanted[key]: token for key, token in missing.items()})
+        # A token created here may postdate an invalidation that found none to
+        # delete: the epoch, which invalidate() moves first, tells.
+        if check_epoch and _decode((yield Call("get", (epoch_key,)))) != epoch:
+            return None
+    return current
+
+
+def stale_entries(core: CacheCore, entries: Mapping[str, Entry]) -> Flow[set[str]]:
     """The backend keys of tagged entries whose tags were invalidated since their fill.
 
     One ``get_many`` for all their tags. If the tokens cannot be read, every tagged
@@ -213,20 +192,21 @@ def stale_entries(cache: Cache, entries: Mapping[str, Entry]) -> set[str]:
     tagged = {bkey: entry.tags for bkey, entry in entries.items() if entry.tags}
     if not tagged:
         return set()
-    if cache.journal.tags:  # invalidations not replayed yet are honoured here
-        pending = {bkey for bkey, tags in tagged.items() if cache.journal.tags & tags.keys()}
-        if pending:
-            return pending | stale_entries(
-                cache, {bkey: entries[bkey] for bkey in tagged if bkey not in pending}
-            )
-    keys = {_tag_key(cache, tag) for tags in tagged.values() for tag in tags}
+    pending: set[str] = set()
+    if core.journal.tags:  # invalidations not replayed yet are honoured here
+        pending = {bkey for bkey, tags in tagged.items() if core.journal.tags & tags.keys()}
+        tagged = {bkey: tags for bkey, tags in tagged.items() if bkey not in pending}
+        if not tagged:
+            return pending
+    keys = list({_tag_key(core, tag) for tags in tagged.values() for tag in tags})
     try:
-        current = {key: _decode(raw) for key, raw in cache.store.get_many(list(keys)).items()}
+        found = yield Call("get_many", (keys,))
     except CacheError as exc:
-        cache._read_failed(exc, count=0)
-        return set(tagged)
-    return {
+        core.read_failed(exc, count=0)
+        return pending | set(tagged)
+    current = {key: _decode(raw) for key, raw in found.items()}
+    return pending | {
         bkey
         for bkey, tags in tagged.items()
-        if any(current.get(_tag_key(cache, tag)) != token for tag, token in tags.items())
+        if any(current.get(_tag_key(core, tag)) != token for tag, token in tags.items())
     }

@@ -23,9 +23,10 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from cachekit import fills
+from cachekit.core import fills
+from cachekit.core.ops import Call, Flow
 from cachekit.entries import FOREVER, Entry, Loaded
 from cachekit.exceptions import UNSTORABLE, CacheError
 from cachekit.keys import make_backend_key
@@ -33,30 +34,28 @@ from cachekit.markers import new_lease
 from cachekit.policy import FillPolicy
 
 if TYPE_CHECKING:
-    from cachekit.cache import Cache, TagsOf
+    from cachekit.core.state import CacheCore, TagsOf
 
 # The refresh lease when leases are off: it must still expire if its holder dies.
 _REFRESH_LEASE = 5.0
 
-__all__ = ["read_without_loader", "serve"]
-
-V = TypeVar("V")
+__all__ = ["serve"]
 
 
 def serve(  # noqa: PLR0917 - the miss path's arguments, plus the entry
-    cache: Cache,
+    core: CacheCore,
     bkey: str,
     entry: Entry,
-    loader: Callable[[], V],
+    loader: Callable[[], Any],
     policy: FillPolicy,
     tags_of: TagsOf = None,
-) -> V:
+) -> Flow[Any]:
     """Return the entry's value, refreshing it first if it is stale or due early."""
-    now = cache.clock()
+    now = core.clock()
     stale = now >= entry.fresh_until
     if not stale and not _due_early(entry, now, policy.early_refresh):
-        return entry.value  # type: ignore[no-any-return]
-    return _refresh(cache, bkey, entry, loader, policy, tags_of=tags_of, stale=stale)
+        return entry.value
+    return (yield from _refresh(core, bkey, entry, loader, policy, tags_of=tags_of, stale=stale))
 
 
 def _due_early(entry: Entry, now: float, beta: float | None) -> bool:
@@ -67,66 +66,62 @@ def _due_early(entry: Entry, now: float, beta: float | None) -> bool:
 
 
 def _refresh(
-    cache: Cache,
+    core: CacheCore,
     bkey: str,
     entry: Entry,
-    loader: Callable[[], V],
+    loader: Callable[[], Any],
     policy: FillPolicy,
     *,
     tags_of: TagsOf,
     stale: bool,
-) -> V:
-    lease_key = make_backend_key(cache.namespace + "!", bkey, cache.store.capabilities.key_policy)
-    marker = new_lease(cache.store.capabilities.stores_objects)
+) -> Flow[Any]:
+    lease_key = make_backend_key(core.namespace + "!", bkey, core.key_policy)
+    marker = new_lease(core.objects)
+    lease_ttl = policy.lease_ttl or core.lease_ttl or _REFRESH_LEASE
     try:
-        acquired = cache.store.add(
-            lease_key, marker, policy.lease_ttl or cache.lease_ttl or _REFRESH_LEASE
-        )
+        acquired = yield Call("add", (lease_key, marker, lease_ttl))
     except CacheError as exc:
-        cache._write_failed(exc)
+        core.write_failed(exc)
         acquired = False
     if not acquired:  # another caller is refreshing: serve what we have
-        return _served(cache, entry, stale)  # type: ignore[no-any-return]
+        return _served(core, entry, stale)
     try:
         try:
-            loaded = fills.timed_load(cache, loader, tags_of)
+            loaded = yield from fills.timed_load(core, loader, tags_of)
         except Exception as exc:  # serve-stale-on-error: the caller still gets a value
-            cache._counters.errors += 1
-            cache._log(f"refresh of {bkey!r} failed, serving the cached value: {exc!r}")
-            return _served(cache, entry, stale)  # type: ignore[no-any-return]
-        _store(cache, bkey, entry, loaded, policy)
-        return loaded.value  # type: ignore[no-any-return]
+            core.counters.errors += 1
+            core.log(f"refresh of {bkey!r} failed, serving the cached value: {exc!r}")
+            return _served(core, entry, stale)
+        yield from _store(core, bkey, entry, loaded, policy)
+        return loaded.value
     finally:
         try:
-            cache.store.compare_and_delete(lease_key, marker)
+            yield Call("compare_and_delete", (lease_key, marker))
         except CacheError as exc:
-            cache._write_failed(exc)  # the refresh lease expires on its own
+            core.write_failed(exc)  # the refresh lease expires on its own
 
 
-def _store(cache: Cache, bkey: str, entry: Entry, loaded: Loaded, policy: FillPolicy) -> None:
+def _store(
+    core: CacheCore, bkey: str, entry: Entry, loaded: Loaded, policy: FillPolicy
+) -> Flow[None]:
     try:
-        packed = fills.pack_fill(cache, bkey, loaded, policy)
+        packed = fills.pack_fill(core, bkey, loaded, policy)
     except UNSTORABLE as exc:
-        cache._write_failed(exc)
+        core.write_failed(exc)
         return
     try:
         if packed is None:
-            stored = cache.store.compare_and_delete(bkey, entry.raw)
+            stored = yield Call("compare_and_delete", (bkey, entry.raw))
         else:
-            stored = cache.store.compare_and_set(bkey, entry.raw, *packed)
+            stored = yield Call("compare_and_set", (bkey, entry.raw, *packed))
     except CacheError as exc:
-        cache._write_failed(exc)
+        core.write_failed(exc)
         return
     if not stored:
-        cache._counters.fills_rejected += 1
+        core.counters.fills_rejected += 1
 
 
-def _served(cache: Cache, entry: Entry, stale: bool) -> Any:
+def _served(core: CacheCore, entry: Entry, stale: bool) -> Any:
     if stale:
-        cache._counters.stale_served += 1
+        core.counters.stale_served += 1
     return entry.value
-
-
-def read_without_loader(cache: Cache, entry: Entry) -> Any:
-    """A read with nothing to refresh from (``get``, ``get_many``): the value as is."""
-    return _served(cache, entry, cache.clock() >= entry.fresh_until)

@@ -10,63 +10,55 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
+from cachekit.core import tags as tag_flows
+from cachekit.core.ops import Call, Flow, Load
 from cachekit.entries import Loaded, pack
 from cachekit.exceptions import UNSTORABLE, CacheError
-from cachekit.invalidation import UNBOUNDED_TOKEN_TTL, TagGuard
 from cachekit.policy import FillPolicy
 
 if TYPE_CHECKING:
-    from cachekit.cache import Cache, TagsOf
+    from cachekit.core.state import CacheCore, TagsOf
 
-__all__ = ["load_uncached", "pack_fill", "store_unleased", "timed_load", "token_ttl"]
-
-V = TypeVar("V")
+__all__ = ["load_uncached", "pack_fill", "store_unleased", "timed_load"]
 
 
-def timed_load(cache: Cache, loader: Callable[[], Any], tags_of: TagsOf = None) -> Loaded:
+def timed_load(core: CacheCore, loader: Callable[[], Any], tags_of: TagsOf = None) -> Flow[Loaded]:
     """Call the loader, count it and time it (early refresh reads the time); for a
     tagged fill, read the tag epoch first and the tokens after (invalidation)."""
-    guard = None
+    epoch: str | None = None
     if tags_of is not None:
         try:
-            guard = TagGuard(cache)
+            epoch = yield from tag_flows.current_epoch(core)
         except CacheError as exc:
-            cache._write_failed(exc)
+            core.write_failed(exc)
     start = time.monotonic()
-    value = loader()
-    cache._counters.loads += 1
+    value = yield Load(loader)
+    core.counters.loads += 1
     loaded = Loaded(value, time.monotonic() - start)
     if tags_of is not None:
-        loaded.tags = _tokens(cache, guard, tags_of(value))
+        loaded.tags = yield from _tokens(core, epoch, tags_of(value))
         loaded.rejected = loaded.tags is None
     return loaded
 
 
-def _tokens(cache: Cache, guard: TagGuard | None, tags: Iterable[str]) -> dict[str, str] | None:
+def _tokens(core: CacheCore, epoch: str | None, tags: Iterable[str]) -> Flow[dict[str, str] | None]:
     """The tag tokens to store, or ``None`` when the fill must not be stored."""
-    if guard is None:
+    if epoch is None:  # the epoch could not be read before the load
         return None
     try:
-        tokens = guard.tokens(tags, token_ttl(cache))
+        tokens = yield from tag_flows.tokens(core, epoch, tags, tag_flows.token_ttl(core))
     except CacheError as exc:
-        cache._write_failed(exc)
+        core.write_failed(exc)
         return None
     if tokens is None:
-        cache._counters.fills_rejected += 1  # a tag was invalidated during the load
+        core.counters.fills_rejected += 1  # a tag was invalidated during the load
     return tokens
 
 
-def token_ttl(cache: Cache) -> float:
-    """The TTL tag tokens are based on (they live twice as long): the entries' TTL, or
-    a day for entries without one, so that tokens always expire."""
-    base = UNBOUNDED_TOKEN_TTL if cache.ttl is None else cache.ttl
-    return max(base, cache.none_ttl or 0.0)
-
-
 def pack_fill(
-    cache: Cache, bkey: str, loaded: Loaded, policy: FillPolicy
+    core: CacheCore, bkey: str, loaded: Loaded, policy: FillPolicy
 ) -> tuple[Any, float | None] | None:
     """Encode a loaded value and its physical TTL; ``None`` if it must not be stored.
 
@@ -76,29 +68,29 @@ def pack_fill(
     """
     if loaded.rejected:
         return None
-    journal = cache.journal
+    journal = core.journal
     if journal and (bkey in journal.keys or (loaded.tags and journal.tags & loaded.tags.keys())):
         return None  # an invalidation of it is still to be replayed
-    seconds = cache._resolve_ttl(policy.ttl, loaded.value)
+    seconds = core.resolve_ttl(policy.ttl, loaded.value)
     if seconds == 0:  # a None with negative caching off
         return None
     if policy.annotated or loaded.tags:
-        return pack(cache, bkey, loaded, seconds, policy.stale_ttl)
-    return cache._encode(bkey, loaded.value), seconds
+        return pack(core, bkey, loaded, seconds, policy.stale_ttl)
+    return core.encode(bkey, loaded.value), seconds
 
 
-def store_unleased(cache: Cache, bkey: str, loaded: Loaded, policy: FillPolicy) -> None:
+def store_unleased(core: CacheCore, bkey: str, loaded: Loaded, policy: FillPolicy) -> Flow[None]:
     """Leases off: an unconditional set, open to the stale-set race leases close."""
     try:
-        packed = pack_fill(cache, bkey, loaded, policy)
+        packed = pack_fill(core, bkey, loaded, policy)
         if packed is not None:
-            cache.store.set(bkey, *packed)
+            yield Call("set", (bkey, *packed))
     except (CacheError, *UNSTORABLE) as exc:
-        cache._write_failed(exc)
+        core.write_failed(exc)
 
 
-def load_uncached(cache: Cache, loader: Callable[[], V]) -> V:
+def load_uncached(core: CacheCore, loader: Callable[[], Any]) -> Flow[Any]:
     """Call the loader without storing: the cache failed or a lease holder hung."""
-    value = loader()
-    cache._counters.loads += 1
+    value = yield Load(loader)
+    core.counters.loads += 1
     return value

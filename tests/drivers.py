@@ -1,0 +1,196 @@
+"""Both drivers, one suite: ``Cache``'s API over an ``AsyncCache`` on a background loop.
+
+A module that declares ``pytestmark = pytest.mark.usefixtures("both_drivers")`` runs
+each test twice: with ``Cache``, and with :class:`AsyncAsSync`, which the fixture puts
+in place of the module's ``Cache``. Every call then goes through ``AsyncCache`` and the
+async driver of the same core flows, on one event loop thread shared by the session;
+sync loaders run in worker threads (``asyncio.to_thread``), so a loader that blocks
+never blocks the loop, and the caller's context (the lease re-entrancy check) travels
+with each call. Backends that are not async are awaited inline
+(:class:`~cachekit.backends.proxy.InProcessAsync`): the suites test the driver; the
+async backends have their own contract suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, TypeVar
+
+from cachekit import AsyncCache
+from cachekit.backends.base import AsyncBackend, Backend
+from cachekit.backends.proxy import InProcessAsync
+
+T = TypeVar("T")
+
+_loop: asyncio.AbstractEventLoop | None = None
+_started = threading.Lock()
+
+
+def loop() -> asyncio.AbstractEventLoop:
+    """The session's event loop, running on a daemon thread (started on first use)."""
+    global _loop
+    with _started:
+        if _loop is None:
+            new = asyncio.new_event_loop()
+            # Many test threads may each block a worker in a loader at once.
+            new.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=256))
+            threading.Thread(target=new.run_forever, name="test-loop", daemon=True).start()
+            _loop = new
+    return _loop
+
+
+def call(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the session loop, in a copy of the caller's context; wait for it."""
+    context = contextvars.copy_context()
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def start() -> None:
+        task = loop().create_task(coro, context=context)
+
+        def settle(task: asyncio.Task[T]) -> None:
+            if task.cancelled():
+                done.cancel()
+            elif (exc := task.exception()) is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(task.result())
+
+        task.add_done_callback(settle)
+
+    loop().call_soon_threadsafe(start)
+    return done.result()
+
+
+def in_thread(func: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
+    """``func`` as an ``async def`` that runs it in a worker thread (same signature,
+    name and qualified name, so its keys are the sync function's)."""
+
+    @functools.wraps(func)
+    async def run(*args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(func, *args, **kwargs)
+
+    return run
+
+
+class _Controlled:
+    """A decorated function's sync face: called, invalidated, refreshed, keyed."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+        functools.update_wrapper(self, target)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return call(self._target(*args, **kwargs))
+
+    def __get__(self, obj: object, objtype: type | None = None) -> Any:
+        return self if obj is None else _Controlled(self._target.__get__(obj, objtype))
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> None:
+        call(self._target.invalidate(*args, **kwargs))
+
+    def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        return call(self._target.refresh(*args, **kwargs))
+
+    def key(self, *args: Any, **kwargs: Any) -> str:
+        return str(self._target.key(*args, **kwargs))
+
+
+class _View:
+    """A view's sync face."""
+
+    def __init__(self, view: Any) -> None:
+        self._view = view
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._view, name)
+
+    def get(self, id: Any) -> Any:
+        return call(self._view.get(id))
+
+    def get_many(self, ids: Iterable[Any]) -> Any:
+        return call(self._view.get_many(list(ids)))
+
+    def invalidate(self, id: Any) -> None:
+        call(self._view.invalidate(id))
+
+    def invalidate_many(self, ids: Iterable[Any]) -> None:
+        call(self._view.invalidate_many(list(ids)))
+
+    def put(self, id: Any, value: Any) -> None:
+        call(self._view.put(id, value))
+
+    def delete(self, id: Any) -> None:
+        call(self._view.delete(id))
+
+
+def _asynced(options: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    return {
+        name: in_thread(value) if name in names and callable(value) else value
+        for name, value in options.items()
+    }
+
+
+class AsyncAsSync:
+    """``Cache(backend, **options)``, served by an ``AsyncCache``."""
+
+    def __init__(self, backend: Backend | AsyncBackend, **options: Any) -> None:
+        store: Any = backend
+        if isinstance(backend, Backend) and not backend.capabilities.in_process:
+            store = InProcessAsync(backend)  # awaited inline: see the module docstring
+        self.acache = AsyncCache(store, **options)
+        self.backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.acache, name)
+
+    def __repr__(self) -> str:
+        return f"AsyncAsSync({self.acache!r})"
+
+    def get(self, key: str, *args: Any) -> Any:
+        return call(self.acache.get(key, *args))
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        return call(self.acache.get_many(list(keys)))
+
+    def set(self, key: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        call(self.acache.set(key, value, *args, **kwargs))
+
+    def set_many(self, mapping: Mapping[str, Any], *args: Any) -> None:
+        call(self.acache.set_many(mapping, *args))
+
+    def delete(self, key: str) -> None:
+        call(self.acache.delete(key))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        call(self.acache.delete_many(list(keys)))
+
+    def invalidate_tags(self, tags: Iterable[str]) -> None:
+        call(self.acache.invalidate_tags(list(tags)))
+
+    def replay_invalidations(self) -> bool:
+        return call(self.acache.replay_invalidations())
+
+    def get_or_load(self, key: str, loader: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+        return call(self.acache.get_or_load(key, in_thread(loader), *args, **kwargs))
+
+    def cached(self, func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        decorate = self.acache.cached(**options)
+
+        def wrap(func: Callable[..., Any]) -> Any:
+            if isinstance(func, classmethod | staticmethod) or not callable(func):
+                decorate(func)  # raises the same TypeError as Cache's
+            return _Controlled(decorate(in_thread(func)))
+
+        return wrap if func is None else wrap(func)
+
+    def read_through(self, prefix: str, **options: Any) -> _View:
+        return _View(self.acache.read_through(prefix, **_asynced(options, ("load", "load_many"))))
+
+    def write_through(self, prefix: str, **options: Any) -> _View:
+        names = ("load", "load_many", "save", "remove")
+        return _View(self.acache.write_through(prefix, **_asynced(options, names)))
