@@ -27,21 +27,20 @@ from cachekit.backends.proxy import InProcessAsync
 
 T = TypeVar("T")
 
-_loop: asyncio.AbstractEventLoop | None = None
+_loops: list[asyncio.AbstractEventLoop] = []
 _started = threading.Lock()
 
 
 def loop() -> asyncio.AbstractEventLoop:
     """The session's event loop, running on a daemon thread (started on first use)."""
-    global _loop
     with _started:
-        if _loop is None:
+        if not _loops:
             new = asyncio.new_event_loop()
             # Many test threads may each block a worker in a loader at once.
             new.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=256))
             threading.Thread(target=new.run_forever, name="test-loop", daemon=True).start()
-            _loop = new
-    return _loop
+            _loops.append(new)
+    return _loops[0]
 
 
 def call(coro: Coroutine[Any, Any, T]) -> T:
