@@ -108,7 +108,8 @@ class AsyncCache(CacheCore):
             inner if self.breaker is None else AsyncBreakerBackend(inner, self.breaker)
         )
         # In-process storage is read inline on the hit path: no coroutine per hit.
-        self._sync_get = backend.get if isinstance(inner, InProcessAsync) else None
+        inline = isinstance(inner, InProcessAsync) and self.breaker is None
+        self._sync_get = inner.inner.get if inline else None
         self._shared: dict[str, asyncio.Future[Any]] = {}
         self._replayer: asyncio.Task[None] | None = None
         self.journal.wake = self._start_replayer

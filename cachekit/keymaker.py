@@ -72,7 +72,10 @@ class KeyMaker:
                     f"{func!r} has no qualified name to key by (a partial, or a callable"
                     " object): pass key= to @cache.cached, or decorate a function"
                 )
-            self.prefix += _definition_text(func) + _closure_text(func)
+            # A wrapper made with functools.wraps stands for the function it wraps: its
+            # own closure (the decorator's) says nothing about which function it is.
+            inner = inspect.unwrap(func)
+            self.prefix += _definition_text(inner) + _closure_text(inner)
         self.prefix += ":"
 
     def tags_of(

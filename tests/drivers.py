@@ -150,29 +150,21 @@ class AsyncAsSync:
     def __repr__(self) -> str:
         return f"AsyncAsSync({self.acache!r})"
 
-    def get(self, key: str, *args: Any) -> Any:
-        return call(self.acache.get(key, *args))
+    def _awaited(name: str) -> Callable[..., Any]:  # type: ignore[misc]
+        def method(self: AsyncAsSync, *args: Any, **kwargs: Any) -> Any:
+            return call(getattr(self.acache, name)(*args, **kwargs))
 
-    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
-        return call(self.acache.get_many(list(keys)))
+        method.__name__ = name
+        return method
 
-    def set(self, key: str, value: Any, *args: Any, **kwargs: Any) -> None:
-        call(self.acache.set(key, value, *args, **kwargs))
-
-    def set_many(self, mapping: Mapping[str, Any], *args: Any) -> None:
-        call(self.acache.set_many(mapping, *args))
-
-    def delete(self, key: str) -> None:
-        call(self.acache.delete(key))
-
-    def delete_many(self, keys: Iterable[str]) -> None:
-        call(self.acache.delete_many(list(keys)))
-
-    def invalidate_tags(self, tags: Iterable[str]) -> None:
-        call(self.acache.invalidate_tags(list(tags)))
-
-    def replay_invalidations(self) -> bool:
-        return call(self.acache.replay_invalidations())
+    get = _awaited("get")
+    get_many = _awaited("get_many")
+    set = _awaited("set")
+    set_many = _awaited("set_many")
+    delete = _awaited("delete")
+    delete_many = _awaited("delete_many")
+    invalidate_tags = _awaited("invalidate_tags")
+    replay_invalidations = _awaited("replay_invalidations")
 
     def get_or_load(self, key: str, loader: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
         return call(self.acache.get_or_load(key, in_thread(loader), *args, **kwargs))

@@ -21,6 +21,9 @@ from cachekit.markers import MARKER_BYTE, Marker
 from cachekit.serializers import PickleSerializer
 from tests.support import CountingBackend, FailingBackend, FakeClock
 
+pytestmark = pytest.mark.usefixtures("both_drivers")
+
+
 ODD_KEYS = ["with space", "ctl\x00\x01\n", "ünïcødé ключ 鍵", "\ud800", "k" * 1024, "#hash-like"]
 FALSY = [0, "", False, [], {}, 0.0]
 

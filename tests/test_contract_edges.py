@@ -23,6 +23,9 @@ from cachekit.backends.memory import MemoryBackend
 from cachekit.markers import is_marker
 from tests.support import FlakyBackend
 
+pytestmark = pytest.mark.usefixtures("both_drivers")
+
+
 ABSURD = [math.inf, -math.inf, math.nan, 1e300, 10**400, timedelta.max, 400 * 24 * 3600]
 
 

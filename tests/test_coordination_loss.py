@@ -23,6 +23,9 @@ from tests.servers import Servers, binary, memcached_command
 from tests.support import FakeClock
 
 
+pytestmark = pytest.mark.usefixtures("both_drivers")
+
+
 @pytest.fixture
 def cache(backend: Backend, namespace: str) -> Cache:
     return Cache(backend, namespace=namespace, ttl=300)

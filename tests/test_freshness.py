@@ -19,6 +19,9 @@ from tests.support import FakeClock
 TTL, STALE = 10.0, 60.0
 
 
+pytestmark = pytest.mark.usefixtures("both_drivers")
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

@@ -15,6 +15,9 @@ from cachekit.keys import make_backend_key
 from tests.support import CountingBackend
 
 
+pytestmark = pytest.mark.usefixtures("both_drivers")
+
+
 @pytest.fixture
 def cache(backend: Backend, namespace: str) -> Cache:
     return Cache(backend, namespace=namespace, ttl=300)

@@ -20,6 +20,9 @@ from cachekit.backends.redis import RedisBackend
 from tests.support import FlakyBackend
 
 # Generous: "eventually" on a loaded machine, never a speed claim.
+pytestmark = pytest.mark.usefixtures("both_drivers")
+
+
 DEADLINE = 30.0
 
 _READER = textwrap.dedent(

@@ -47,6 +47,9 @@ from tests.workloads import (
     total,
 )
 
+pytestmark = pytest.mark.usefixtures("both_drivers")
+
+
 POSTGRES_USERS = ("postgres", "root")
 PROCESSES = 4
 # The naive run is a race, so it may need a few tries to land a stale fill.

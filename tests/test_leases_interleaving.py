@@ -20,6 +20,9 @@ from tests.support import CountingBackend
 
 # The longest a test waits for another thread; LEASE_TTL is far longer, so a waiter
 # that finishes in time was woken by the protocol, not by its lease expiring.
+pytestmark = pytest.mark.usefixtures("both_drivers")
+
+
 PARK = 5.0
 LEASE_TTL = 30.0
 

@@ -14,6 +14,9 @@ from cachekit.exceptions import BackendUnavailable
 from tests.support import FakeClock, FlakyBackend
 
 
+pytestmark = pytest.mark.usefixtures("both_drivers")
+
+
 def test_the_breaker_opens_cools_down_and_probes() -> None:
     clock = FakeClock()
     breaker = CircuitBreaker(failures=3, cooldown=1.0, timer=clock)

@@ -12,6 +12,9 @@ from tests.support import CountingBackend
 Row = dict[str, int]
 
 
+pytestmark = pytest.mark.usefixtures("both_drivers")
+
+
 class Table:
     """A system of record that counts how it is queried."""
 
