@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Final, ParamSpec, TypeVar, Unpack, overload
+from typing import Any, Final, ParamSpec, TypeVar, Unpack, cast, overload
 
 from cachekit.async_decorators import AsyncCachedFunction, acached
 from cachekit.async_views import AsyncReadThroughView, AsyncWriteThroughView
@@ -109,7 +109,9 @@ class AsyncCache(CacheCore):
         )
         # In-process storage is read inline on the hit path: no coroutine per hit.
         inline = isinstance(inner, InProcessAsync) and self.breaker is None
-        self._sync_get = inner.inner.get if inline else None
+        self._sync_get: Callable[[str], Any] | None = (
+            cast(InProcessAsync, inner).inner.get if inline else None
+        )
         self._shared: dict[str, asyncio.Future[Any]] = {}
         self._replayer: asyncio.Task[None] | None = None
         self.journal.wake = self._start_replayer

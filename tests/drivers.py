@@ -18,7 +18,7 @@ import concurrent.futures
 import contextvars
 import functools
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from cachekit import AsyncCache
@@ -81,7 +81,7 @@ class _Controlled:
 
     def __init__(self, target: Any) -> None:
         self._target = target
-        functools.update_wrapper(self, target)
+        functools.update_wrapper(self, target, updated=())  # not its controls
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return call(self._target(*args, **kwargs))

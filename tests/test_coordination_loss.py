@@ -22,7 +22,6 @@ from tests.conftest import require
 from tests.servers import Servers, binary, memcached_command
 from tests.support import FakeClock
 
-
 pytestmark = pytest.mark.usefixtures("both_drivers")
 
 

@@ -14,7 +14,6 @@ from cachekit.backends.redis import RedisBackend
 from cachekit.keys import make_backend_key
 from tests.support import CountingBackend
 
-
 pytestmark = pytest.mark.usefixtures("both_drivers")
 
 

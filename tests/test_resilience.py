@@ -13,7 +13,6 @@ from cachekit.breaker import CircuitBreaker
 from cachekit.exceptions import BackendUnavailable
 from tests.support import FakeClock, FlakyBackend
 
-
 pytestmark = pytest.mark.usefixtures("both_drivers")
 
 
