@@ -80,6 +80,7 @@ class AsyncRedisBackend:
         self._compare_and_delete = client.register_script(COMPARE_AND_DELETE)
         # Cleared by the one caller that checks persistence, before its first await.
         self._persistence_unchecked = True
+        self._undiscovered = isinstance(client, RedisCluster)  # see _discover
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.1) -> AsyncRedisBackend:
@@ -102,6 +103,8 @@ class AsyncRedisBackend:
 
     async def get(self, key: str) -> Any:
         try:
+            if self._undiscovered:
+                await self._discover()
             value = await self.client.get(encode_key(key))
         except DRIVER_ERRORS as exc:
             raise wrap("GET", exc) from exc
@@ -122,6 +125,8 @@ class AsyncRedisBackend:
 
     async def set(self, key: str, value: Any, ttl: float | None) -> None:
         try:
+            if self._undiscovered:
+                await self._discover()
             await self.client.set(encode_key(key), value, px=px_or_none(ttl))
         except DRIVER_ERRORS as exc:
             raise wrap("SET", exc) from exc
@@ -148,6 +153,8 @@ class AsyncRedisBackend:
 
     async def delete(self, key: str) -> None:
         try:
+            if self._undiscovered:
+                await self._discover()
             await self.client.delete(encode_key(key))
         except DRIVER_ERRORS as exc:
             raise wrap("DEL", exc) from exc
@@ -167,6 +174,8 @@ class AsyncRedisBackend:
 
     async def add(self, key: str, value: Any, ttl: float | None) -> bool:
         try:
+            if self._undiscovered:
+                await self._discover()
             added = await self.client.set(encode_key(key), value, px=px_or_none(ttl), nx=True)
         except DRIVER_ERRORS as exc:
             raise wrap("SET NX", exc) from exc
@@ -177,6 +186,8 @@ class AsyncRedisBackend:
     async def compare_and_set(self, key: str, expected: Any, value: Any, ttl: float | None) -> bool:
         args = [expected, value, px_or_zero(ttl)]
         try:
+            if self._undiscovered:
+                await self._discover()
             swapped = await self._compare_and_set(keys=[encode_key(key)], args=args)
         except DRIVER_ERRORS as exc:
             raise wrap("compare-and-set script", exc) from exc
@@ -211,6 +222,8 @@ class AsyncRedisBackend:
 
     async def compare_and_delete(self, key: str, expected: Any) -> bool:
         try:
+            if self._undiscovered:
+                await self._discover()
             deleted = await self._compare_and_delete(keys=[encode_key(key)], args=[expected])
         except DRIVER_ERRORS as exc:
             raise wrap("compare-and-delete script", exc) from exc
@@ -220,6 +233,20 @@ class AsyncRedisBackend:
         """Close the client if :meth:`from_url` created it; an injected one stays open."""
         if self._owns_client:
             await self.client.aclose()
+
+    async def _discover(self) -> None:
+        """Have a cluster client read the slot map before its first single-key command.
+
+        redis-py (8.1) routes a command sent before the client knows any node as if it
+        had no key: a burst of concurrent first calls on a new client goes to arbitrary
+        nodes, is answered MOVED, and the reconnects that follow break other calls'
+        connections mid-handshake (``AttributeError``, not a ``RedisError``). The
+        batch calls discover the cluster first by themselves. ``initialize()`` holds
+        the client's lock, so concurrent first callers wait for one discovery.
+        """
+        assert isinstance(self.client, RedisCluster)
+        await self.client.initialize()
+        self._undiscovered = False
 
     async def _check_persistence(self) -> None:
         """Warn once if a server persists data; called after a write that reached it,

@@ -52,7 +52,8 @@ def queue_config_gets(pipe: Any, **options: Any) -> None:
     servers before Redis 7, whose CONFIG GET takes one parameter, answer too).
     ``options`` go with each command: a cluster pipeline's ``target_nodes``."""
     for name in PARAMETERS:
-        pipe.config_get(name, **options)
+        # execute_command: a cluster pipeline refuses config_get() but routes this.
+        pipe.execute_command("CONFIG GET", name, **options)
 
 
 def finding(name: str, replies: Sequence[Any]) -> str | None:
@@ -94,9 +95,9 @@ def warn_if_persistent(nodes: list[tuple[str, Any]]) -> None:
     """
     found = []
     for name, node in nodes:
-        pipe = node.pipeline(transaction=False)
-        queue_config_gets(pipe)
         try:
+            pipe = node.pipeline(transaction=False)
+            queue_config_gets(pipe)
             replies = pipe.execute(raise_on_error=False)
         except Exception as exc:  # a best-effort check must never fail a cache call
             _unreadable(name, exc)
@@ -112,9 +113,9 @@ async def awarn_if_persistent(pipe: Any, nodes: Sequence[tuple[str, Mapping[str,
 
     Never raises an ``Exception``; a cancellation propagates.
     """
-    for _, options in nodes:
-        queue_config_gets(pipe, **options)
     try:
+        for _, options in nodes:
+            queue_config_gets(pipe, **options)
         replies = await pipe.execute(raise_on_error=False)
     except Exception as exc:  # a best-effort check must never fail a cache call
         _unreadable(", ".join(name for name, _ in nodes), exc)
