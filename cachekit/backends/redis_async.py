@@ -244,8 +244,8 @@ class AsyncRedisBackend:
         batch calls discover the cluster first by themselves. ``initialize()`` holds
         the client's lock, so concurrent first callers wait for one discovery.
         """
-        assert isinstance(self.client, RedisCluster)
-        await self.client.initialize()
+        if isinstance(self.client, RedisCluster):
+            await self.client.initialize()
         self._undiscovered = False
 
     async def _check_persistence(self) -> None:
