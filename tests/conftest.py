@@ -9,8 +9,8 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import fakeredis
@@ -18,16 +18,19 @@ import pytest
 import redis
 from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.connection import AbstractConnection as AsyncConnection
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.connection import AbstractConnection
 from redis.retry import Retry
 
 import cachekit.backends.memcached as memcached_module
-from cachekit.backends.base import Backend
+from cachekit.backends.base import AsyncBackend, Backend, Capabilities
 from cachekit.backends.memcached import MemcachedBackend
 from cachekit.backends.memory import MemoryBackend
-from cachekit.backends.redis import RedisBackend
+from cachekit.backends.proxy import InProcessAsync
+from cachekit.backends.redis import AsyncRedisBackend, RedisBackend
 from cachekit.keys import make_backend_key
 from tests.servers import ServerError, Servers, binary, memcached_command, start_redis_cluster
 from tests.support import FakeClock
@@ -189,14 +192,19 @@ def backend(request: pytest.FixtureRequest, namespace: str) -> Iterator[Backend]
         built.client.close()  # injected, so close() left it open
 
 
-@pytest.fixture
-def key(backend: Backend, namespace: str) -> Callable[[str], str]:
+def key_maker(namespace: str, capabilities: Capabilities) -> Callable[[str], str]:
     """Turn a test's key name into this test's backend key, as the facade would."""
 
     def make(name: str) -> str:
-        return make_backend_key(f"{namespace}:", name, backend.capabilities.key_policy)
+        return make_backend_key(f"{namespace}:", name, capabilities.key_policy)
 
     return make
+
+
+@pytest.fixture
+def key(backend: Backend, namespace: str) -> Callable[[str], str]:
+    """Turn a test's key name into this test's backend key, as the facade would."""
+    return key_maker(namespace, backend.capabilities)
 
 
 @dataclass(frozen=True)
@@ -207,18 +215,26 @@ class Expiry:
     wait: Callable[[], None]
 
 
+def memory_expiry(backend: MemoryBackend) -> Expiry:
+    """Advance the backend's fake clock past the TTL."""
+    clock = backend.timer
+    assert isinstance(clock, FakeClock)
+    return Expiry(ttl=30.0, wait=lambda: clock.advance(31.0))
+
+
+# Redis compares against its own clock on access: real time, which a sleep never
+# undershoots. A whole second: the writes must still be there when a loaded machine
+# gets round to checking them.
+REDIS_EXPIRY = Expiry(ttl=1.0, wait=lambda: time.sleep(1.1))
+
+
 @pytest.fixture
 def expiry(backend: Backend, request: pytest.FixtureRequest) -> Expiry:
     """Memory advances its fake clock; servers sleep (memcached counts whole seconds)."""
     if isinstance(backend, MemoryBackend):
-        clock = backend.timer
-        assert isinstance(clock, FakeClock)
-        return Expiry(ttl=30.0, wait=lambda: clock.advance(31.0))
+        return memory_expiry(backend)
     if isinstance(backend, RedisBackend):
-        # Redis compares against its own clock on access: real time, which a sleep
-        # never undershoots. A whole second: the writes must still be there when a
-        # loaded machine gets round to checking them.
-        return Expiry(ttl=1.0, wait=lambda: time.sleep(1.1))
+        return REDIS_EXPIRY
     if request.node.callspec.params["backend"] == "memcached-pool":
         addresses = [_host_port(name) for name in request.getfixturevalue("memcached_pool")]
     else:
@@ -324,14 +340,18 @@ class RedisCommands:
 
     client: redis.Redis
     writes: Counter[str]
+    _last: Counter[str] = field(default_factory=Counter)
 
     def measure(self, action: Callable[[], object]) -> tuple[int, Counter[str]]:
-        before = redis_command_calls(self.client)
-        self.writes.clear()
+        before = self._start()
         action()
-        trips = self.writes["writes"]
-        after = redis_command_calls(self.client)
-        return trips, Counter({name: after[name] - before.get(name, 0) for name in after})
+        return self._finish(before)
+
+    async def ameasure(self, action: Callable[[], Awaitable[object]]) -> tuple[int, Counter[str]]:
+        """:meth:`measure` for a coroutine function."""
+        before = self._start()
+        await action()
+        return self._finish(before)
 
     def expect(self, action: Callable[[], object], expected: dict[str, int]) -> None:
         """One socket write, and exactly ``expected`` commands (GET: 0 unless listed).
@@ -341,11 +361,34 @@ class RedisCommands:
         """
         expected = {"get": 0, **expected}
         for _ in range(3):
-            trips, delta = self.measure(action)
-            assert trips == 1
-            if {name: delta[name] for name in expected} == expected:
+            if self._clean(self.measure(action), expected):
                 return
-        pytest.fail(f"expected {expected}; the server counted {dict(+delta)}")
+        pytest.fail(f"expected {expected}; the server counted {dict(+self._last)}")
+
+    async def aexpect(
+        self, action: Callable[[], Awaitable[object]], expected: dict[str, int]
+    ) -> None:
+        """:meth:`expect` for a coroutine function."""
+        expected = {"get": 0, **expected}
+        for _ in range(3):
+            if self._clean(await self.ameasure(action), expected):
+                return
+        pytest.fail(f"expected {expected}; the server counted {dict(+self._last)}")
+
+    def _start(self) -> dict[str, int]:
+        before = redis_command_calls(self.client)
+        self.writes.clear()
+        return before
+
+    def _finish(self, before: dict[str, int]) -> tuple[int, Counter[str]]:
+        trips = self.writes["writes"]
+        after = redis_command_calls(self.client)
+        return trips, Counter({name: after[name] - before.get(name, 0) for name in after})
+
+    def _clean(self, reading: tuple[int, Counter[str]], expected: dict[str, int]) -> bool:
+        trips, self._last = reading
+        assert trips == 1
+        return {name: self._last[name] for name in expected} == expected
 
 
 @pytest.fixture
@@ -359,6 +402,22 @@ def redis_commands(redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -
         original(self, command, check_health)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    return RedisCommands(redis_client, writes)
+
+
+@pytest.fixture
+def aredis_commands(redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> RedisCommands:
+    """:func:`redis_commands` for redis.asyncio; ``writes`` also counts per server
+    (``"host:port"``), so a cluster test sees one write per node."""
+    writes: Counter[str] = Counter()
+    original = AsyncConnection.send_packed_command
+
+    async def counting(self: AsyncConnection, command: Any, check_health: bool = True) -> None:
+        writes["writes"] += 1
+        writes[f"{self.host}:{self.port}"] += 1
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(AsyncConnection, "send_packed_command", counting)
     return RedisCommands(redis_client, writes)
 
 
@@ -422,3 +481,70 @@ def both_drivers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 
         monkeypatch.setattr(request.module, "Cache", AsyncAsSync)
     return str(request.param)
+
+
+# -- async backends --------------------------------------------------------------------
+
+
+def async_cluster_client(address: tuple[str, int]) -> AsyncRedisCluster:
+    """An asyncio cluster client with the suite's generous timeouts."""
+    host, port = address
+    return AsyncRedisCluster(
+        host=host,
+        port=port,
+        socket_timeout=SERVER_TIMEOUT,
+        socket_connect_timeout=SERVER_TIMEOUT,
+        decode_responses=False,
+    )
+
+
+async def aforget_namespace(backend: AsyncRedisBackend, namespace: str) -> None:
+    """Delete this test's keys (on every primary of a cluster)."""
+    keys = [k async for k in backend.client.scan_iter(match=namespace + "*", count=1000)]
+    if keys:
+        await backend.client.delete(*keys)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("inprocess", id="inprocess"),
+        pytest.param("aredis", id="aredis", marks=pytest.mark.redis),
+        pytest.param("aredis-cluster", id="aredis-cluster", marks=pytest.mark.redis_cluster),
+    ]
+)
+async def async_backend(
+    request: pytest.FixtureRequest, namespace: str
+) -> AsyncIterator[AsyncBackend]:
+    """Each async backend in turn; in-process memory runs on a :class:`FakeClock`."""
+    built: Any
+    if request.param == "inprocess":
+        built = InProcessAsync(MemoryBackend(timer=FakeClock()))
+    elif request.param == "aredis":
+        url = request.getfixturevalue("redis_server")
+        built = AsyncRedisBackend.from_url(url, timeout=SERVER_TIMEOUT)
+    else:
+        address = request.getfixturevalue("redis_cluster")
+        built = AsyncRedisBackend(async_cluster_client(address))
+    yield built
+    if isinstance(built, AsyncRedisBackend):
+        await aforget_namespace(built, namespace)
+    await built.aclose()
+    if request.param == "aredis-cluster":
+        await built.client.aclose()  # injected, so aclose() left it open
+
+
+@pytest.fixture
+def async_key(async_backend: AsyncBackend, namespace: str) -> Callable[[str], str]:
+    """:func:`key` for the async backends."""
+    return key_maker(namespace, async_backend.capabilities)
+
+
+@pytest.fixture
+def async_expiry(async_backend: AsyncBackend) -> Expiry:
+    """:func:`expiry` for the async backends; ``wait`` blocks, so call it off the loop."""
+    if isinstance(async_backend, InProcessAsync):
+        assert isinstance(async_backend.inner, MemoryBackend)
+        return memory_expiry(async_backend.inner)
+    if isinstance(async_backend, AsyncRedisBackend):
+        return REDIS_EXPIRY
+    raise NotImplementedError(f"no expiry for {async_backend!r}")

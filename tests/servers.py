@@ -311,6 +311,23 @@ def _cluster_state(server: Server) -> str | None:
         client.close()
 
 
+def redis_sentinel_command(workdir: Path, service: str, primary: Server) -> Command:
+    """A Redis Sentinel (``redis-server --sentinel``) watching ``primary`` as
+    ``service``, with a quorum of one. Sentinel rewrites its config file, so each
+    gets its own in ``workdir``."""
+    path = binary("redis-server") or "redis-server"
+
+    def command(port: int) -> list[str]:
+        config = workdir / f"sentinel-{port}.conf"
+        config.write_text(
+            f"port {port}\nbind {HOST}\ndir {workdir}\n"
+            f"sentinel monitor {service} {primary.host} {primary.port} 1\n"
+        )
+        return [path, str(config), "--sentinel"]
+
+    return command
+
+
 # -- memcached ---------------------------------------------------------------------------
 
 

@@ -149,7 +149,7 @@ def test_redis_ttls_become_milliseconds_rounded_up(
 
 
 def test_redis_milliseconds_ignore_float_noise() -> None:
-    from cachekit.backends.redis import _px
+    from cachekit.backends.redis_common import px as _px
 
     assert 2.007 * 1000 > 2007  # the float noise this guards against
     assert _px(2.007) == 2007

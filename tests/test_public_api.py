@@ -16,6 +16,7 @@ MODULES = [
     "cachekit.backends.memory",
     "cachekit.backends.eviction",
     "cachekit.backends.redis",
+    "cachekit.backends.redis_async",
     "cachekit.backends.memcached",
     "cachekit.backends.counting",
     "cachekit.exceptions",

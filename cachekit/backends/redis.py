@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Final
 
 from cachekit.backends.base import MISSING, Capabilities
-from cachekit.backends.redis_persistence import warn_if_persistent
-from cachekit.exceptions import (
-    BackendError,
-    BackendTimeout,
-    ConfigurationError,
-    missing_dependency,
+from cachekit.backends.redis_async import AsyncRedisBackend
+from cachekit.backends.redis_common import (
+    COMPARE_AND_DELETE,
+    COMPARE_AND_SET,
+    DRIVER_ERRORS,
+    check_client,
+    hits,
+    merge_retried,
+    px_or_none,
+    px_or_zero,
+    refused_script,
+    script_calls,
+    server_name,
+    stored,
+    url_options,
+    wrap,
 )
+from cachekit.backends.redis_persistence import warn_if_persistent
+from cachekit.exceptions import missing_dependency
 from cachekit.forks import reset_in_child
 from cachekit.keys import encode_key
 
@@ -24,56 +35,13 @@ try:
     from redis.backoff import NoBackoff
     from redis.cluster import RedisCluster
     from redis.commands.core import Script
-    from redis.exceptions import NoScriptError, RedisClusterException
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise missing_dependency("redis", "redis") from exc
 
-__all__ = ["RedisBackend"]
+__all__ = ["AsyncRedisBackend", "RedisBackend"]
 
-# GET, compare, then SET inside the server, so no other client can write in between.
-# ARGV: expected, new value, TTL in milliseconds or "0" for no expiry. An absent key
-# reads as false in Lua, which never equals a string, so it never matches.
-_COMPARE_AND_SET: Final = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-    return 0
-end
-local px = tonumber(ARGV[3])
-if px > 0 then
-    redis.call('SET', KEYS[1], ARGV[2], 'PX', px)
-else
-    redis.call('SET', KEYS[1], ARGV[2])
-end
-return 1
-"""
-
-_COMPARE_AND_DELETE: Final = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-    return 0
-end
-redis.call('DEL', KEYS[1])
-return 1
-"""
-
-# RedisClusterException (no slot covered, no node reachable...) is not a RedisError.
-_DRIVER_ERRORS: Final = (redis.exceptions.RedisError, RedisClusterException, OSError)
 _RLOCK: Final = type(threading.RLock())
-
-
-def _px(ttl: float) -> int:
-    """Seconds to whole milliseconds, rounded up so an entry never expires early.
-
-    Rounding to a microsecond first keeps float noise (``0.3 * 1000``) from adding 1 ms.
-    """
-    return max(1, math.ceil(round(ttl * 1000.0, 3)))
-
-
-def _wrap(operation: str, exc: Exception) -> BackendError:
-    """The cachekit exception for a driver error; the caller raises it ``from exc``."""
-    message = f"redis {operation} failed: {exc}"
-    if isinstance(exc, redis.exceptions.TimeoutError | TimeoutError):
-        return BackendTimeout(message)
-    return BackendError(message)
 
 
 class RedisBackend:
@@ -112,15 +80,11 @@ class RedisBackend:
     capabilities = Capabilities()
 
     def __init__(self, client: redis.Redis | RedisCluster) -> None:
-        if client.get_encoder().decode_responses:
-            raise ConfigurationError(
-                "RedisBackend needs a client with decode_responses=False: cached values "
-                "are bytes, and decoding them to str would corrupt binary payloads"
-            )
+        check_client(client, "RedisBackend")
         self.client = client
         self._owns_client = False
-        self._compare_and_set = client.register_script(_COMPARE_AND_SET)
-        self._compare_and_delete = client.register_script(_COMPARE_AND_DELETE)
+        self._compare_and_set = client.register_script(COMPARE_AND_SET)
+        self._compare_and_delete = client.register_script(COMPARE_AND_DELETE)
         # Taken, never released, by the one caller that checks persistence.
         self._persistence_unchecked: threading.Lock | None = threading.Lock()
         reset_in_child(self, RedisBackend._renew_driver_locks)
@@ -138,15 +102,8 @@ class RedisBackend:
             url: a ``redis://``, ``rediss://`` or ``unix://`` URL.
             timeout: seconds allowed for connecting and for each command.
         """
-        if not timeout > 0:
-            raise ConfigurationError(f"timeout must be positive seconds, got {timeout!r}")
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=False,
-        )
+        options = url_options(timeout)
+        client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
         backend = cls(client)
         backend._owns_client = True
         return backend
@@ -154,8 +111,8 @@ class RedisBackend:
     def get(self, key: str) -> Any:
         try:
             value = self.client.get(encode_key(key))
-        except _DRIVER_ERRORS as exc:
-            raise _wrap("GET", exc) from exc
+        except DRIVER_ERRORS as exc:
+            raise wrap("GET", exc) from exc
         return MISSING if value is None else value
 
     def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
@@ -167,16 +124,15 @@ class RedisBackend:
                 values = self.client.mget_nonatomic(encoded)
             else:
                 values = self.client.mget(encoded)
-        except _DRIVER_ERRORS as exc:
-            raise _wrap("MGET", exc) from exc
-        return {key: value for key, value in zip(keys, values, strict=True) if value is not None}
+        except DRIVER_ERRORS as exc:
+            raise wrap("MGET", exc) from exc
+        return hits(keys, values)
 
     def set(self, key: str, value: Any, ttl: float | None) -> None:
-        px = None if ttl is None else _px(ttl)
         try:
-            self.client.set(encode_key(key), value, px=px)
-        except _DRIVER_ERRORS as exc:
-            raise _wrap("SET", exc) from exc
+            self.client.set(encode_key(key), value, px=px_or_none(ttl))
+        except DRIVER_ERRORS as exc:
+            raise wrap("SET", exc) from exc
         if self._persistence_unchecked is not None:
             self._check_persistence()
 
@@ -188,21 +144,21 @@ class RedisBackend:
             if ttl is None:
                 self._mset(encoded)
             else:
-                px = _px(ttl)
                 pipe = self.client.pipeline(transaction=False)
+                ttl_ms = px_or_none(ttl)
                 for key, value in encoded.items():
-                    pipe.set(key, value, px=px)
+                    pipe.set(key, value, px=ttl_ms)
                 pipe.execute()
-        except _DRIVER_ERRORS as exc:
-            raise _wrap("MSET" if ttl is None else "SET pipeline", exc) from exc
+        except DRIVER_ERRORS as exc:
+            raise wrap("MSET" if ttl is None else "SET pipeline", exc) from exc
         if self._persistence_unchecked is not None:
             self._check_persistence()
 
     def delete(self, key: str) -> None:
         try:
             self.client.delete(encode_key(key))
-        except _DRIVER_ERRORS as exc:
-            raise _wrap("DEL", exc) from exc
+        except DRIVER_ERRORS as exc:
+            raise wrap("DEL", exc) from exc
         if self._persistence_unchecked is not None:
             self._check_persistence()
 
@@ -211,64 +167,59 @@ class RedisBackend:
             return
         try:
             self.client.delete(*[encode_key(key) for key in keys])
-        except _DRIVER_ERRORS as exc:
-            raise _wrap("DEL", exc) from exc
+        except DRIVER_ERRORS as exc:
+            raise wrap("DEL", exc) from exc
         if self._persistence_unchecked is not None:
             self._check_persistence()
 
     def add(self, key: str, value: Any, ttl: float | None) -> bool:
-        px = None if ttl is None else _px(ttl)
         try:
-            stored = self.client.set(encode_key(key), value, px=px, nx=True)
-        except _DRIVER_ERRORS as exc:
-            raise _wrap("SET NX", exc) from exc
+            added = self.client.set(encode_key(key), value, px=px_or_none(ttl), nx=True)
+        except DRIVER_ERRORS as exc:
+            raise wrap("SET NX", exc) from exc
         if self._persistence_unchecked is not None:
             self._check_persistence()
-        return bool(stored)
+        return bool(added)
 
     def compare_and_set(self, key: str, expected: Any, value: Any, ttl: float | None) -> bool:
-        px = 0 if ttl is None else _px(ttl)
+        args = [expected, value, px_or_zero(ttl)]
         try:
-            swapped = self._compare_and_set(keys=[encode_key(key)], args=[expected, value, px])
-        except _DRIVER_ERRORS as exc:
-            raise _wrap("compare-and-set script", exc) from exc
+            swapped = self._compare_and_set(keys=[encode_key(key)], args=args)
+        except DRIVER_ERRORS as exc:
+            raise wrap("compare-and-set script", exc) from exc
         return int(swapped) == 1
 
     def add_many(self, items: Mapping[str, Any], ttl: float | None) -> AbstractSet[str]:
         if not items:
             return set()
-        px = None if ttl is None else _px(ttl)
+        ttl_ms = px_or_none(ttl)
         try:
             pipe = self.client.pipeline(transaction=False)
             for key, value in items.items():
-                pipe.set(encode_key(key), value, px=px, nx=True)
+                pipe.set(encode_key(key), value, px=ttl_ms, nx=True)
             results = pipe.execute()
-        except _DRIVER_ERRORS as exc:
-            raise _wrap("SET NX pipeline", exc) from exc
+        except DRIVER_ERRORS as exc:
+            raise wrap("SET NX pipeline", exc) from exc
         if self._persistence_unchecked is not None:
             self._check_persistence()
-        return {key for key, ok in zip(items, results, strict=True) if ok}
+        return stored(items, results)
 
     def compare_and_set_many(
         self, items: Mapping[str, tuple[Any, Any]], ttl: float | None
     ) -> AbstractSet[str]:
         if not items:
             return set()
-        px = 0 if ttl is None else _px(ttl)
-        calls = [
-            (encode_key(key), [expected, value, px]) for key, (expected, value) in items.items()
-        ]
         try:
-            results = self._run_script_many(self._compare_and_set, calls)
-        except _DRIVER_ERRORS as exc:
-            raise _wrap("compare-and-set pipeline", exc) from exc
-        return {key for key, ok in zip(items, results, strict=True) if int(ok) == 1}
+            results = self._run_script_many(self._compare_and_set, script_calls(items, ttl))
+        except DRIVER_ERRORS as exc:
+            raise wrap("compare-and-set pipeline", exc) from exc
+        return stored(items, results)
 
     def compare_and_delete(self, key: str, expected: Any) -> bool:
         try:
             deleted = self._compare_and_delete(keys=[encode_key(key)], args=[expected])
-        except _DRIVER_ERRORS as exc:
-            raise _wrap("compare-and-delete script", exc) from exc
+        except DRIVER_ERRORS as exc:
+            raise wrap("compare-and-delete script", exc) from exc
         return int(deleted) == 1
 
     def close(self) -> None:
@@ -290,9 +241,7 @@ class RedisBackend:
             ]
             nodes = [(n.name, client.get_redis_connection(n)) for n in primaries]
         else:
-            kwargs = client.connection_pool.connection_kwargs
-            name = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
-            nodes = [(str(name), client)]
+            nodes = [(server_name(client.connection_pool), client)]
         warn_if_persistent(nodes)
 
     def _renew_driver_locks(self) -> None:
@@ -331,16 +280,12 @@ class RedisBackend:
         without running it, so those calls alone run again after ``SCRIPT LOAD``.
         """
         results = self._evalsha_pipeline(script.sha, calls)
-        unknown = [i for i, reply in enumerate(results) if isinstance(reply, NoScriptError)]
-        if unknown:
+        refused = refused_script(results)
+        again = []
+        if refused:
             self.client.script_load(script.script)
-            again = self._evalsha_pipeline(script.sha, [calls[i] for i in unknown])
-            for i, reply in zip(unknown, again, strict=True):
-                results[i] = reply
-        for reply in results:
-            if isinstance(reply, Exception):
-                raise reply
-        return results
+            again = self._evalsha_pipeline(script.sha, [calls[i] for i in refused])
+        return merge_retried(results, refused, again)
 
     def _evalsha_pipeline(self, sha: str, calls: list[tuple[bytes, list[Any]]]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)

@@ -7,20 +7,30 @@ the snapshot); fsynced once a second (``appendfsync everysec``, the default) or 
 the OS likes (``no``), that file loses the last second or more of deletes the same
 way. Only ``appendfsync always``, which writes each command to disk before Redis
 answers it, loses no acknowledged delete. :class:`~cachekit.backends.redis.RedisBackend`
-asks the server once, after its first write, and logs a warning if it persists.
+and its asyncio twin ask each server once, after their first write, and log a warning
+if it persists.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
-__all__ = ["hazard", "warn_if_persistent"]
+__all__ = [
+    "PARAMETERS",
+    "awarn_if_persistent",
+    "finding",
+    "hazard",
+    "queue_config_gets",
+    "report",
+    "warn_if_persistent",
+]
 
 logger = logging.getLogger("cachekit")
 
-_PARAMETERS = ("save", "appendonly", "appendfsync")
+#: What :func:`queue_config_gets` asks each server, one ``CONFIG GET`` apiece.
+PARAMETERS: Final = ("save", "appendonly", "appendfsync")
 
 
 def hazard(config: Mapping[str, str]) -> str | None:
@@ -37,42 +47,78 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def server_config(node: Any) -> dict[str, str]:
-    """The persistence parameters of one server, in one round trip (a pipeline, so
+def queue_config_gets(pipe: Any, **options: Any) -> None:
+    """Queue the reads of :data:`PARAMETERS` on a pipeline (one ``CONFIG GET`` each, so
     servers before Redis 7, whose CONFIG GET takes one parameter, answer too).
+    ``options`` go with each command: a cluster pipeline's ``target_nodes``."""
+    for name in PARAMETERS:
+        # execute_command: a cluster pipeline refuses config_get() but routes this.
+        pipe.execute_command("CONFIG GET", name, **options)
 
-    Raises:
-        Exception: whatever the client raises (CONFIG may be renamed or forbidden).
-    """
-    pipe = node.pipeline(transaction=False)
-    for name in _PARAMETERS:
-        pipe.config_get(name)
+
+def finding(name: str, replies: Sequence[Any]) -> str | None:
+    """``"name (reason)"`` if one server's replies to :func:`queue_config_gets` show it
+    persists data, else None. Never raises: a server that forbids CONFIG (as managed
+    services often do) is left out, with a debug log."""
     config: dict[str, str] = {}
-    for reply in pipe.execute():
+    for reply in replies:
+        if isinstance(reply, Exception):
+            _unreadable(name, reply)
+            return None
         config.update({_text(key): _text(value) for key, value in reply.items()})
-    return config
+    reason = hazard(config)
+    return f"{name} ({reason})" if reason else None
 
 
-def warn_if_persistent(nodes: list[tuple[str, Any]]) -> None:
-    """Log one warning naming each server (``(name, client)``) that persists data.
-
-    Never raises: a server that does not answer, or forbids CONFIG (as managed services
-    often do), is left out silently, and the check is not repeated.
-    """
-    found = []
-    for name, node in nodes:
-        try:
-            reason = hazard(server_config(node))
-        except Exception as exc:  # a best-effort check must never fail a cache call
-            logger.debug("cachekit: could not read the persistence settings of %s: %r", name, exc)
-            continue
-        if reason:
-            found.append(f"{name} ({reason})")
-    if found:
+def report(found: Sequence[str | None]) -> None:
+    """Log one warning naming each server :func:`finding` found, if any."""
+    named = [item for item in found if item]
+    if named:
         logger.warning(
             "cachekit: Redis %s persists data: after a crash and restart it reloads "
             "entries that were deleted or invalidated since, and serves them until their "
             'TTL. For a cache, run it with --save "" --appendonly no (see the README, '
             '"When the cache server fails")',
-            ", ".join(found),
+            ", ".join(named),
         )
+
+
+def _unreadable(name: str, exc: BaseException) -> None:
+    logger.debug("cachekit: could not read the persistence settings of %s: %r", name, exc)
+
+
+def warn_if_persistent(nodes: list[tuple[str, Any]]) -> None:
+    """Ask each server (``(name, client)``, one pipeline apiece) and :func:`report`.
+
+    Never raises: a server that does not answer is left out silently, and the check is
+    not repeated.
+    """
+    found = []
+    for name, node in nodes:
+        try:
+            pipe = node.pipeline(transaction=False)
+            queue_config_gets(pipe)
+            replies = pipe.execute(raise_on_error=False)
+        except Exception as exc:  # a best-effort check must never fail a cache call
+            _unreadable(name, exc)
+            continue
+        found.append(finding(name, replies))
+    report(found)
+
+
+async def awarn_if_persistent(pipe: Any, nodes: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """:func:`warn_if_persistent` for asyncio, in one pipeline: ``pipe`` reaches every
+    server, each ``(name, options)`` queues its reads with ``options`` (a cluster
+    pipeline's ``target_nodes``, sent to all nodes at once).
+
+    Never raises an ``Exception``; a cancellation propagates.
+    """
+    try:
+        for _, options in nodes:
+            queue_config_gets(pipe, **options)
+        replies = await pipe.execute(raise_on_error=False)
+    except Exception as exc:  # a best-effort check must never fail a cache call
+        _unreadable(", ".join(name for name, _ in nodes), exc)
+        return
+    size = len(PARAMETERS)
+    report([finding(name, replies[i * size : (i + 1) * size]) for i, (name, _) in enumerate(nodes)])
