@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any, Final, cast
 
 from cachekit.backends.base import MISSING
+from cachekit.backends.memcached_async import AsyncMemcachedBackend
 from cachekit.backends.memcached_core import (
     _EXPIRED_NOW,
     _MAX_TOKEN_VALUE,
@@ -46,7 +47,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise missing_dependency("pymemcache", "memcached") from exc
 
-__all__ = ["MemcachedBackend", "NodeHealth"]
+__all__ = ["AsyncMemcachedBackend", "MemcachedBackend", "NodeHealth"]
 
 _DRIVER_ERRORS: Final = (MemcacheError, OSError)
 # Key-to-server routes a pool remembers (see _Members in memcached_ring).
