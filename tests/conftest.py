@@ -9,7 +9,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +24,8 @@ from redis.connection import AbstractConnection
 from redis.retry import Retry
 
 import cachekit.backends.memcached as memcached_module
-from cachekit.backends.base import Backend
-from cachekit.backends.memcached import MemcachedBackend
+from cachekit.backends.base import AsyncBackend, Backend
+from cachekit.backends.memcached import AsyncMemcachedBackend, MemcachedBackend
 from cachekit.backends.memory import MemoryBackend
 from cachekit.backends.redis import RedisBackend
 from cachekit.keys import make_backend_key
@@ -411,3 +411,60 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[Any, str]]:
     monkeypatch.setattr(memcached_module, "Client", counting)
     monkeypatch.setattr(memcached_module, "HashClient", CountingHashClient)
     return counter
+
+
+# -- async backends: memcached (branch amemcached) --------------------------------------
+# Kept apart from the other async backends' fixture code so the branches merge cleanly:
+# the `async_backend` fixture takes ASYNC_MEMCACHED_PARAMS and build_async_memcached.
+
+ASYNC_MEMCACHED_PARAMS = [
+    pytest.param("amemcached", id="amemcached", marks=pytest.mark.memcached),
+    pytest.param("amemcached-pool", id="amemcached-pool", marks=pytest.mark.memcached),
+]
+
+
+def async_memcached_addresses(request: pytest.FixtureRequest, which: str) -> list[str]:
+    """The servers of ``amemcached`` (the shared one) or ``amemcached-pool`` (ours)."""
+    if which == "amemcached-pool":
+        addresses: list[str] = request.getfixturevalue("memcached_pool")
+        return addresses
+    host, port = request.getfixturevalue("memcached_server")
+    return [f"{host}:{port}"]
+
+
+def build_async_memcached(request: pytest.FixtureRequest, which: str) -> AsyncMemcachedBackend:
+    return AsyncMemcachedBackend(
+        async_memcached_addresses(request, which),
+        timeout=SERVER_TIMEOUT,
+        connect_timeout=SERVER_TIMEOUT,
+    )
+
+
+def async_memcached_expiry(request: pytest.FixtureRequest, which: str) -> Expiry:
+    """As :func:`expiry` for memcached: wait on the servers' own clocks."""
+    addresses = [_host_port(name) for name in async_memcached_addresses(request, which)]
+    return Expiry(ttl=3.0, wait=lambda: wait_for_memcached_clock(addresses, 5))
+
+
+@pytest.fixture(params=ASYNC_MEMCACHED_PARAMS)
+async def async_backend(request: pytest.FixtureRequest) -> AsyncIterator[AsyncBackend]:
+    """Each async backend in turn, closed on the test's event loop."""
+    built = build_async_memcached(request, request.param)
+    yield built
+    await built.aclose()
+
+
+@pytest.fixture
+def async_key(async_backend: AsyncBackend, namespace: str) -> Callable[[str], str]:
+    """:func:`key` for the async backends."""
+
+    def make(name: str) -> str:
+        return make_backend_key(f"{namespace}:", name, async_backend.capabilities.key_policy)
+
+    return make
+
+
+@pytest.fixture
+def async_expiry(request: pytest.FixtureRequest) -> Expiry:
+    """:func:`expiry` for the async backends; ``wait`` blocks, so call it off the loop."""
+    return async_memcached_expiry(request, request.node.callspec.params["async_backend"])

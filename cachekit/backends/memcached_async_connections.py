@@ -24,7 +24,7 @@ ServerSpec = tuple[str, int] | str
 _READ_SIZE: Final = 256 * 1024
 
 
-class PoolTimeout(Exception):
+class PoolTimeout(TimeoutError):
     """No connection to the server came free within the timeout: the pool is busy (the
     server is not at fault, so this does not count against it)."""
 
@@ -83,6 +83,7 @@ class ServerConnections:
     Attributes:
         connections: connections open, opening, or closing: never more than ``size``.
         peak: the most there ever were at once.
+        opened: connections opened (or attempted) in all.
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class ServerConnections:
         self.server = server
         self.connections = 0
         self.peak = 0
+        self.opened = 0
         self._size = size
         self._timeout = timeout
         self._connect_timeout = connect_timeout
@@ -162,6 +164,7 @@ class ServerConnections:
     async def _connect(self) -> _Connection:
         # Counted from the first attempt: a socket exists from then on.
         self.connections += 1
+        self.opened += 1
         self.peak = max(self.peak, self.connections)
         async with asyncio.timeout(self._connect_timeout):
             if isinstance(self.server, str):
