@@ -244,6 +244,27 @@ async def test_a_reply_that_comes_after_its_caller_gave_up_is_never_read(
     await backend.aclose()
 
 
+async def test_a_restarted_server_fails_one_call_not_one_per_idle_connection(
+    own_server: Server, backends: Callable[..., AsyncMemcachedBackend], namespace: str
+) -> None:
+    """Killed and restarted under a pool of idle connections: the call that finds its
+    connection closed fails, and the other idle ones are closed with it."""
+    backend = backends(own_server.address, pool_size=POOL_SIZE)
+    key = f"{namespace}:k"
+    await backend.set(key, b"v", 60)
+    await asyncio.gather(*(backend.get(key) for _ in range(3 * POOL_SIZE)))
+    (connections,) = pools(backend)
+    assert connections.connections == POOL_SIZE  # all idle now
+    own_server.kill()
+    own_server.start()  # same port, empty
+    with pytest.raises(BackendError) as lost:
+        await backend.get(key)
+    assert isinstance(lost.value.__cause__, ConnectionError)
+    for _ in range(POOL_SIZE):
+        assert await backend.get(key) is MISSING
+    assert connections.opened == POOL_SIZE + 1
+
+
 async def test_a_timeout_is_a_backend_timeout_and_closes_the_connection(
     silent_port: int, backends: Callable[..., AsyncMemcachedBackend], namespace: str
 ) -> None:

@@ -119,18 +119,22 @@ class ServerConnections:
             await self._slots.acquire()  # free: returns at once, no timer needed
         connection: _Connection | None = None
         try:
-            if self._idle:
-                connection = self._idle.pop()
-            else:
+            connection = await self._take_idle()
+            if connection is None:
                 started = loop.time()
                 connection = await self._connect()
                 deadline += loop.time() - started  # connecting has a budget of its own
             async with asyncio.timeout_at(deadline):
                 result = await connection.call(command)
-        except BaseException:
+        except BaseException as exc:
             # Cancelled, timed out, or failed: whatever reply is still owed on this
             # connection must never reach another caller.
             self._discard(connection)
+            if isinstance(exc, ConnectionError):
+                # The server closed it, so most likely the idle ones too (a restart):
+                # close them rather than fail one more call on each.
+                self._drop(self._idle)
+                self._idle = []
             raise
         if connection.generation != self._generation:
             self._discard(connection)
@@ -148,6 +152,22 @@ class ServerConnections:
                 f"no connection to memcached {self.server} came free within "
                 f"{self._timeout} s ({self._size} in use)"
             ) from None
+
+    async def _take_idle(self) -> _Connection | None:
+        """An idle connection the server has not closed meanwhile, or None."""
+        stale = []
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.writer.transport.is_closing():
+                break
+            stale.append(connection)  # its EOF arrived while it was idle
+        else:
+            connection = None
+        if stale:
+            self._drop(stale)
+            if connection is None:
+                await asyncio.sleep(0)  # let their sockets close before opening one
+        return connection
 
     def _bound_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
@@ -187,6 +207,16 @@ class ServerConnections:
     def _closed(self) -> None:
         self.connections -= 1
         self._slots.release()
+
+    def _drop(self, idle: list[_Connection]) -> None:
+        """Close idle connections (which hold no slot); counted once their sockets are."""
+        for connection in idle:
+            connection.abort()
+        if idle:
+            asyncio.get_running_loop().call_soon(self._forget, len(idle))
+
+    def _forget(self, count: int) -> None:
+        self.connections -= count
 
     async def aclose(self) -> None:
         """Close the idle connections now, and those in use as their calls end."""
