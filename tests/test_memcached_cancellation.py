@@ -179,3 +179,7 @@ async def test_a_cancellation_storm_leaves_every_reply_with_its_caller(
     assert sum(p.opened for p in connections) > len(connections) * POOL_SIZE  # ...in flight
     assert all(p.peak <= POOL_SIZE for p in connections)
     assert peak[0] - before <= len(connections) * POOL_SIZE
+    await storm_backend.aclose()
+    await asyncio.sleep(0)  # the last closes' callbacks
+    assert [p.connections for p in connections] == [0] * len(connections)  # none lost count
+    assert open_sockets() == before

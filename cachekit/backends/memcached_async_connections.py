@@ -10,6 +10,7 @@ the whole of the cancellation story; nothing else needs to know about it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Final, TypeVar
 
 from cachekit.backends.memcached_protocol import Command, ProtocolError, Replies
@@ -118,9 +119,11 @@ class ServerConnections:
         else:
             await self._slots.acquire()  # free: returns at once, no timer needed
         connection: _Connection | None = None
+        opening = False
         try:
             connection = await self._take_idle()
             if connection is None:
+                opening = True
                 started = loop.time()
                 connection = await self._connect()
                 deadline += loop.time() - started  # connecting has a budget of its own
@@ -129,7 +132,7 @@ class ServerConnections:
         except BaseException as exc:
             # Cancelled, timed out, or failed: whatever reply is still owed on this
             # connection must never reach another caller.
-            self._discard(connection)
+            self._discard(connection, counted=opening or connection is not None)
             if isinstance(exc, ConnectionError):
                 # The server closed it, so most likely the idle ones too (a restart):
                 # close them rather than fail one more call on each.
@@ -137,7 +140,7 @@ class ServerConnections:
                 self._idle = []
             raise
         if connection.generation != self._generation:
-            self._discard(connection)
+            self._discard(connection, counted=True)
         else:
             self._idle.append(connection)
             self._slots.release()
@@ -193,8 +196,9 @@ class ServerConnections:
                 reader, writer = await asyncio.open_connection(*self.server)
         return _Connection(reader, writer, self._generation)
 
-    def _discard(self, connection: _Connection | None) -> None:
-        """Close the connection (or a failed attempt's leftovers) and give its slot back.
+    def _discard(self, connection: _Connection | None, *, counted: bool) -> None:
+        """Close the connection (or a failed attempt's leftovers) and give its slot back;
+        ``counted``: it was counted in :attr:`connections` (opened, or attempted).
 
         The slot is given back by a callback scheduled after the abort's: the event loop
         runs callbacks in the order they were scheduled, and the transport closes its
@@ -202,10 +206,10 @@ class ServerConnections:
         """
         if connection is not None:
             connection.abort()
-        asyncio.get_running_loop().call_soon(self._closed)
+        asyncio.get_running_loop().call_soon(self._closed, counted)
 
-    def _closed(self) -> None:
-        self.connections -= 1
+    def _closed(self, counted: bool) -> None:
+        self.connections -= counted
         self._slots.release()
 
     def _drop(self, idle: list[_Connection]) -> None:
@@ -224,10 +228,9 @@ class ServerConnections:
         idle, self._idle = self._idle, []
         for connection in idle:
             connection.writer.close()
-        for connection in idle:
-            try:
-                await connection.writer.wait_closed()
-            except OSError:  # it was broken anyway
-                pass
-            finally:
-                self.connections -= 1
+        try:
+            for connection in idle:
+                with contextlib.suppress(OSError):  # it was broken anyway
+                    await connection.writer.wait_closed()
+        finally:
+            self.connections -= len(idle)
