@@ -27,7 +27,7 @@ from redis.retry import Retry
 
 import cachekit.backends.memcached as memcached_module
 from cachekit.backends.base import AsyncBackend, Backend, Capabilities
-from cachekit.backends.memcached import MemcachedBackend
+from cachekit.backends.memcached import AsyncMemcachedBackend, MemcachedBackend
 from cachekit.backends.memory import MemoryBackend
 from cachekit.backends.proxy import InProcessAsync
 from cachekit.backends.redis import AsyncRedisBackend, RedisBackend
@@ -505,11 +505,41 @@ async def aforget_namespace(backend: AsyncRedisBackend, namespace: str) -> None:
         await backend.client.delete(*keys)
 
 
+ASYNC_MEMCACHED_PARAMS = [
+    pytest.param("amemcached", id="amemcached", marks=pytest.mark.memcached),
+    pytest.param("amemcached-pool", id="amemcached-pool", marks=pytest.mark.memcached),
+]
+
+
+def async_memcached_addresses(request: pytest.FixtureRequest, which: str) -> list[str]:
+    """The servers of ``amemcached`` (the shared one) or ``amemcached-pool`` (ours)."""
+    if which == "amemcached-pool":
+        addresses: list[str] = request.getfixturevalue("memcached_pool")
+        return addresses
+    host, port = request.getfixturevalue("memcached_server")
+    return [f"{host}:{port}"]
+
+
+def build_async_memcached(request: pytest.FixtureRequest, which: str) -> AsyncMemcachedBackend:
+    return AsyncMemcachedBackend(
+        async_memcached_addresses(request, which),
+        timeout=SERVER_TIMEOUT,
+        connect_timeout=SERVER_TIMEOUT,
+    )
+
+
+def async_memcached_expiry(request: pytest.FixtureRequest, which: str) -> Expiry:
+    """As :func:`expiry` for memcached: wait on the servers' own clocks."""
+    addresses = [_host_port(name) for name in async_memcached_addresses(request, which)]
+    return Expiry(ttl=3.0, wait=lambda: wait_for_memcached_clock(addresses, 5))
+
+
 @pytest.fixture(
     params=[
         pytest.param("inprocess", id="inprocess"),
         pytest.param("aredis", id="aredis", marks=pytest.mark.redis),
         pytest.param("aredis-cluster", id="aredis-cluster", marks=pytest.mark.redis_cluster),
+        *ASYNC_MEMCACHED_PARAMS,
     ]
 )
 async def async_backend(
@@ -522,9 +552,11 @@ async def async_backend(
     elif request.param == "aredis":
         url = request.getfixturevalue("redis_server")
         built = AsyncRedisBackend.from_url(url, timeout=SERVER_TIMEOUT)
-    else:
+    elif request.param == "aredis-cluster":
         address = request.getfixturevalue("redis_cluster")
         built = AsyncRedisBackend(async_cluster_client(address))
+    else:
+        built = build_async_memcached(request, request.param)
     yield built
     if isinstance(built, AsyncRedisBackend):
         await aforget_namespace(built, namespace)
@@ -540,11 +572,13 @@ def async_key(async_backend: AsyncBackend, namespace: str) -> Callable[[str], st
 
 
 @pytest.fixture
-def async_expiry(async_backend: AsyncBackend) -> Expiry:
+def async_expiry(async_backend: AsyncBackend, request: pytest.FixtureRequest) -> Expiry:
     """:func:`expiry` for the async backends; ``wait`` blocks, so call it off the loop."""
     if isinstance(async_backend, InProcessAsync):
         assert isinstance(async_backend.inner, MemoryBackend)
         return memory_expiry(async_backend.inner)
     if isinstance(async_backend, AsyncRedisBackend):
         return REDIS_EXPIRY
+    if isinstance(async_backend, AsyncMemcachedBackend):
+        return async_memcached_expiry(request, request.node.callspec.params["async_backend"])
     raise NotImplementedError(f"no expiry for {async_backend!r}")

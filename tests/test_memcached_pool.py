@@ -4,6 +4,10 @@ Every server here is a memcached of the test's own on a free loopback port, paus
 (SIGSTOP), resumed, killed (SIGKILL) and restarted by its PID through
 :mod:`tests.servers`. The shared server on 11211 is never touched. Figures the review
 asks for (stale reads, key movement, hit ratios) are printed: run with ``-s``.
+
+Every case runs twice: on MemcachedBackend, and on AsyncMemcachedBackend driven
+through :class:`tests.blocking.Blocking` (its coroutines on an event loop in a thread
+of its own), so the sync Cache and these very scenarios check both.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
 
 import cachekit.backends.memcached as memcached_module
+import cachekit.backends.memcached_async_ring as async_ring_module
 from cachekit import MISSING, BackendError, Cache
-from cachekit.backends.memcached import MemcachedBackend
+from cachekit.backends.memcached import AsyncMemcachedBackend, MemcachedBackend
 from cachekit.exceptions import BackendUnavailable, ConfigurationError
+from tests.blocking import Blocking, EventLoopThread
 from tests.conftest import require
 from tests.servers import Server, ServerError, Servers, binary, memcached_command
 
@@ -62,39 +68,59 @@ def start(servers: Servers, count: int, *extra: str) -> list[Server]:
         raise  # not reached: require() skipped or failed
 
 
-Pool = Callable[..., MemcachedBackend]
+# MemcachedBackend, or an AsyncMemcachedBackend seen through Blocking.
+Backend = Any
+Pool = Callable[..., Backend]
 
 
-@pytest.fixture
-def pool() -> Iterator[Pool]:
-    """Builds pool backends over servers, and closes every one at the end, even when
-    the test failed (an unclosed one would raise its ResourceWarning in a later test)."""
-    built: list[MemcachedBackend] = []
+@pytest.fixture(params=["sync", "async"])
+def make_backend(request: pytest.FixtureRequest) -> Iterator[Callable[..., Backend]]:
+    """Builds backends of one flavour (``servers``, options), and closes every one at
+    the end, even when the test failed (an unclosed one would raise its
+    ResourceWarning in a later test)."""
+    built: list[Backend] = []
+    loop = EventLoopThread() if request.param == "async" else None
 
-    def build(members: list[Server], **options: Any) -> MemcachedBackend:
-        settings: dict[str, Any] = {
-            "timeout": TIMEOUT,
-            "connect_timeout": TIMEOUT,
-            "node_failures": NODE_FAILURES,
-            "node_cooldown": COOLDOWN,
-        }
-        backend = MemcachedBackend([m.address for m in members], **(settings | options))
+    def build(servers: str | list[str], **options: Any) -> Backend:
+        backend: Backend
+        if loop is None:
+            backend = MemcachedBackend(servers, **options)
+        else:
+            backend = Blocking(AsyncMemcachedBackend(servers, **options), loop)
         built.append(backend)
         return backend
 
     yield build
     for backend in built:
         backend.close()
+    if loop is not None:
+        loop.stop()
 
 
-def killable(pool: Pool, members: list[Server]) -> MemcachedBackend:
+@pytest.fixture
+def pool(make_backend: Callable[..., Backend]) -> Pool:
+    """Builds pool backends over servers, with this module's short timeouts."""
+
+    def build(members: list[Server], **options: Any) -> Backend:
+        settings: dict[str, Any] = {
+            "timeout": TIMEOUT,
+            "connect_timeout": TIMEOUT,
+            "node_failures": NODE_FAILURES,
+            "node_cooldown": COOLDOWN,
+        }
+        return make_backend([m.address for m in members], **(settings | options))
+
+    return build
+
+
+def killable(pool: Pool, members: list[Server]) -> Backend:
     """A pool with generous timeouts, for tests where no server hangs: a killed one
     refuses at once whatever the timeout, and a live one's slow reply under load must
     not count as a failure."""
     return pool(members, timeout=RAW_TIMEOUT, connect_timeout=RAW_TIMEOUT)
 
 
-def server_of(backend: MemcachedBackend, bkey: str) -> str:
+def server_of(backend: Backend, bkey: str) -> str:
     """The "host:port" the pool hashes a backend key to."""
     name: str = backend._nodes.node_for(bkey).name
     return name
@@ -138,7 +164,7 @@ def wait_for_cooldown() -> None:
     time.sleep(COOLDOWN + 0.05)
 
 
-def read_until_settled(cache: Cache, backend: MemcachedBackend, server: Server, rows: Rows) -> int:
+def read_until_settled(cache: Cache, backend: Backend, server: Server, rows: Rows) -> int:
     """Read every row (plain and through get_or_load), pass after pass, asserting each
     pass, until ``server`` is back in the pool and the journal is empty; the passes
     it took. How soon that happens depends on the machine (the probe after the
@@ -401,13 +427,15 @@ def test_a_server_that_refuses_flush_all_does_not_join(servers: Servers, pool: P
     trusting.close()
 
 
-def test_adding_servers_is_checked(memcached_pool: list[str]) -> None:
-    single = MemcachedBackend(memcached_pool[0])
+def test_adding_servers_is_checked(
+    memcached_pool: list[str], make_backend: Callable[..., Backend]
+) -> None:
+    single = make_backend(memcached_pool[0])
     with pytest.raises(ConfigurationError, match="only a pool grows"):
         single.add_server(memcached_pool[1])
     assert single.node_health() == {}
     single.close()
-    backend = MemcachedBackend(memcached_pool[:2], timeout=TIMEOUT, connect_timeout=TIMEOUT)
+    backend = make_backend(memcached_pool[:2], timeout=TIMEOUT, connect_timeout=TIMEOUT)
     with pytest.raises(ConfigurationError, match="already in the pool"):
         backend.add_server(memcached_pool[1])
     with pytest.raises(BackendError) as refused:
@@ -417,25 +445,26 @@ def test_adding_servers_is_checked(memcached_pool: list[str]) -> None:
     backend.close()
     for options in ({"node_failures": 0}, {"node_cooldown": 0}):
         with pytest.raises(ConfigurationError):
-            MemcachedBackend(memcached_pool, **options)
+            make_backend(memcached_pool, **options)
 
 
 # -- one dead server in a batch ---------------------------------------------------------
 
 
 @pytest.fixture
-def with_dead_server(memcached_pool: list[str]) -> Iterator[tuple[MemcachedBackend, str]]:
+def with_dead_server(
+    memcached_pool: list[str], make_backend: Callable[..., Backend]
+) -> tuple[Backend, str]:
     """The session's pool plus an address that refuses connections."""
     dead = "127.0.0.1:1"
-    backend = MemcachedBackend(
+    backend = make_backend(
         [*memcached_pool, dead], timeout=RAW_TIMEOUT, connect_timeout=RAW_TIMEOUT
     )
-    yield backend, dead
-    backend.close()
+    return backend, dead
 
 
 def test_a_batch_reaches_every_live_server_before_reporting_the_dead_one(
-    with_dead_server: tuple[MemcachedBackend, str], namespace: str
+    with_dead_server: tuple[Backend, str], namespace: str
 ) -> None:
     backend, dead = with_dead_server
     keys = [f"{namespace}:{i}" for i in range(200)]
@@ -459,7 +488,7 @@ def test_a_batch_reaches_every_live_server_before_reporting_the_dead_one(
 
 
 def test_a_down_server_is_probed_once_per_cooldown(
-    with_dead_server: tuple[MemcachedBackend, str], namespace: str
+    with_dead_server: tuple[Backend, str], namespace: str
 ) -> None:
     backend, dead = with_dead_server
     key = next(k for i in range(1000) if server_of(backend, k := f"{namespace}:{i}") == dead)
@@ -482,12 +511,16 @@ def test_a_down_server_is_probed_once_per_cooldown(
 
 
 def test_remembered_routes_are_pymemcaches_and_bounded(
-    memcached_pool: list[str], monkeypatch: pytest.MonkeyPatch
+    memcached_pool: list[str],
+    make_backend: Callable[..., Backend],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Keys land where a plain pymemcache HashClient puts them (other clients of the
-    same servers agree), and the route memo stays within its bound."""
+    same servers agree, the sync and async backends included), and the route memo
+    stays within its bound."""
     monkeypatch.setattr(memcached_module, "_MAX_ROUTES", 50)
-    backend = MemcachedBackend(memcached_pool)
+    monkeypatch.setattr(async_ring_module, "MAX_ROUTES", 50)
+    backend = make_backend(memcached_pool)
     reference = HashClient(memcached_pool)
     keys = [f"route:{i}" for i in range(500)]
     for _ in range(2):  # computed, then remembered (or recomputed after a reset)

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from functools import partial
 from typing import Any, Final, cast
 
-from cachekit.backends.base import MISSING, Capabilities, KeyPolicy
+from cachekit.backends.base import MISSING
+from cachekit.backends.memcached_async import AsyncMemcachedBackend
+from cachekit.backends.memcached_core import (
+    _EXPIRED_NOW,
+    _MAX_TOKEN_VALUE,
+    CAPABILITIES,
+    _add_expire,
+    _CasTokens,
+    _check_counts,
+    _expire,
+    _wrap,
+)
 from cachekit.backends.memcached_nodes import (
     _check_injected,
     _check_seconds,
@@ -22,9 +30,10 @@ from cachekit.backends.memcached_nodes import (
     _server_specs,
     _Single,
 )
-from cachekit.backends.memcached_pool import NodeHealth, _Ring
-from cachekit.exceptions import BackendError, BackendTimeout, ConfigurationError, missing_dependency
-from cachekit.forks import renew_locks_in_child
+from cachekit.backends.memcached_pool import _Ring
+from cachekit.backends.memcached_protocol import ProtocolError, encode_meta_add, parse_meta_add
+from cachekit.backends.memcached_ring import MAX_ROUTES, NodeHealth
+from cachekit.exceptions import BackendError, ConfigurationError, missing_dependency
 
 try:
     from pymemcache.client.base import Client, PooledClient
@@ -38,76 +47,31 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise missing_dependency("pymemcache", "memcached") from exc
 
-__all__ = ["MemcachedBackend", "NodeHealth"]
+__all__ = ["AsyncMemcachedBackend", "MemcachedBackend", "NodeHealth"]
 
-# memcached reads an expiry above 30 days as a unix timestamp, not a duration.
-_MAX_RELATIVE_EXPIRE: Final = 30 * 24 * 3600
 _DRIVER_ERRORS: Final = (MemcacheError, OSError)
-# A negative exptime stores the item already expired: a conditional delete via cas.
-_EXPIRED_NOW: Final = -1
-# CAS uniques remembered from our own adds: at most this many, for values at most this
-# long (lease markers are 18 bytes), so a caller that never swaps leaks nothing.
-_MAX_TOKENS: Final = 10_000
-_MAX_TOKEN_VALUE: Final = 256
-# Key-to-server routes a pool remembers (see _Members in memcached_pool).
-_MAX_ROUTES: Final = 16_384
-
-
-def _expire(ttl: float | None) -> int:
-    """The ``exptime`` memcached expects: whole seconds rounded up, 0 for no expiry."""
-    if ttl is None:
-        return 0
-    seconds = max(1, math.ceil(ttl))
-    if seconds > _MAX_RELATIVE_EXPIRE:
-        return math.ceil(time.time() + ttl)
-    return seconds
-
-
-def _add_expire(ttl: float | None) -> int:
-    """``exptime`` for ``add``, which takes leases: at least ``ttl``, never less.
-
-    memcached's clock ticks in whole seconds, so an item stored just before a tick
-    with exptime ``n`` lives between ``n - 1`` and ``n`` seconds; a lease that expired
-    early would let a second caller load while the first still holds it. One more
-    second makes ``lease_ttl`` a floor.
-    """
-    expire = _expire(ttl)
-    return expire + 1 if 0 < expire <= _MAX_RELATIVE_EXPIRE else expire
-
-
-def _wrap(operation: str, exc: Exception) -> BackendError:
-    """The cachekit exception for a driver error; the caller raises it ``from exc``."""
-    message = f"memcached {operation} failed: {exc!r}"
-    if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError
-        return BackendTimeout(message)
-    return BackendError(message)
+# Key-to-server routes a pool remembers (see _Members in memcached_ring).
+_MAX_ROUTES: Final = MAX_ROUTES
 
 
 def _meta_add(client: Any, key: str, value: bytes, expire: int) -> bytes | None:
     """memcached's ``add`` that also answers the new item's CAS unique, in one round trip.
 
-    Meta set in add mode, ``ms <key> <len> c T<exptime> ME``: ``c`` asks for the CAS
-    unique, ``T`` is the exptime (same meaning as the text protocol's: 0 is no expiry, over
-    30 days a unix time), ``ME`` is mode add. Client flags default to 0, as plain
-    ``add`` writes them through ``_BytesSerde``, so ``get`` reads the value unchanged. The
-    reply is ``HD c<unique>`` when stored and ``NS ...`` when the key was present.
-    ``raw_command`` could frame it too, but it names the command by its whole text,
-    value bytes included; ``_misc_cmd`` (pymemcache's own framing for one-line replies)
-    names it ``ms``. Returns the unique if stored (b"" if the server left it out), else
-    None.
+    The request and its reply are :mod:`~cachekit.backends.memcached_protocol`'s
+    (``encode_meta_add``, ``parse_meta_add``); pymemcache frames them. ``raw_command``
+    could too, but it names the command by its whole text, value bytes included;
+    ``_misc_cmd`` (pymemcache's own framing for one-line replies) names it ``ms``.
+    Returns the unique if stored (b"" if the server left it out), else None.
     """
     if isinstance(client, PooledClient):
         with client.client_pool.get_and_release(destroy_on_fail=True) as borrowed:
             return _meta_add(borrowed, key, value, expire)
     name = client.check_key(key, client.key_prefix)
-    command = b"ms %b %d c T%d ME\r\n%b\r\n" % (name, len(value), expire, value)
-    reply: bytes = client._misc_cmd([command], b"ms", False)[0]
-    code, *tokens = reply.split()
-    if code == b"NS":
-        return None
-    if code != b"HD":
-        raise MemcacheUnknownError(f"unexpected reply to meta add: {reply!r}")
-    return next((token[1:] for token in tokens if token.startswith(b"c")), b"")
+    reply: bytes = client._misc_cmd([encode_meta_add(name, value, expire)], b"ms", False)[0]
+    try:
+        return parse_meta_add(reply)
+    except ProtocolError as exc:
+        raise MemcacheUnknownError(str(exc)) from exc
 
 
 def _add_many(client: Any, values: dict[str, bytes], expire: int) -> dict[str, bool]:
@@ -117,57 +81,6 @@ def _add_many(client: Any, values: dict[str, bytes], expire: int) -> dict[str, b
         with client.client_pool.get_and_release(destroy_on_fail=True) as borrowed:
             return _add_many(borrowed, values, expire)
     return cast(dict[str, bool], client._store_cmd(b"add", values, expire, False))
-
-
-class _CasTokens:
-    """The CAS unique of each item our ``add`` stored, by ``(key, value)``, used once.
-
-    Why a remembered unique stands in for comparing the value: memcached gives an item
-    a new CAS unique on every modification (set, cas, append, incr...) and a fresh
-    one to every item it stores, from a per-server counter that only grows. So while
-    the item we added still carries the unique our ``add`` answered, it is that same
-    item, unmodified, holding the value we wrote; a ``cas`` with that unique succeeds
-    only then, atomically. Once anyone wrote the key, or it expired, was deleted or
-    evicted, the ``cas`` fails (EXISTS or NOT_FOUND) and nothing is written.
-
-    Keying by ``(key, value)`` means a token only ever answers for the very value it
-    was issued for, and the node it came from is kept so that a key the ring has since
-    moved to another server (whose uniques are unrelated) is not swapped with it.
-    Bounded: beyond ``limit`` entries the oldest is dropped (its swap then costs the
-    ``gets`` again). A memcached restart within a lease resets the counter, so in
-    principle a new item under the same key could reach the same unique; that needs
-    the same key rewritten and the counter landing on that exact number inside one
-    lease, a risk the plain ``gets``-then-``cas`` shares on a smaller window.
-    """
-
-    def __init__(self, limit: int = _MAX_TOKENS) -> None:
-        self._limit = limit
-        self._tokens: dict[tuple[str, bytes], tuple[Any, bytes]] = {}
-        self._lock = threading.Lock()
-        # A child keeps the parent's tokens: each still answers only for the item it was
-        # issued for (a cas with it fails once anyone else wrote the key).
-        renew_locks_in_child(self, "_lock")
-
-    def remember(self, key: str, value: bytes, node: Any, token: bytes) -> None:
-        with self._lock:
-            tokens = self._tokens
-            tokens.pop((key, value), None)  # re-added: newest again
-            tokens[key, value] = (node, token)
-            if len(tokens) > self._limit:
-                del tokens[next(iter(tokens))]
-
-    def take(self, key: str, value: Any, node: Any) -> bytes | None:
-        """The token for ``(key, value)`` on ``node``, forgotten; None if there is none."""
-        if type(value) is not bytes or not self._tokens:
-            return None
-        with self._lock:
-            entry = self._tokens.pop((key, value), None)
-        if entry is None or entry[0] is not node:
-            return None
-        return entry[1]
-
-    def __len__(self) -> int:
-        return len(self._tokens)
 
 
 class MemcachedBackend:
@@ -229,13 +142,9 @@ class MemcachedBackend:
             deserialize values.
     """
 
-    #: The facade hashes keys that break the key policy, so keys arrive ASCII-safe.
-    #: memcached's default item limit is 1 MiB including key and item header; a larger
-    #: value is refused by the server (and pymemcache reports it as "stored"). Its clock
-    #: ticks in whole seconds, so a key may live up to a second past its TTL.
-    capabilities = Capabilities(
-        key_policy=KeyPolicy(max_bytes=250), max_value_size=1024 * 1024 - 512, ttl_slack=1.0
-    )
+    #: Keys within memcached's policy, its item size limit, its whole-second clock
+    #: (see :data:`~cachekit.backends.memcached_core.CAPABILITIES`).
+    capabilities = CAPABILITIES
 
     def __init__(
         self,
@@ -248,9 +157,7 @@ class MemcachedBackend:
         flush_on_join: bool = True,
         pool_size: int = 16,
     ) -> None:
-        for name, count in (("node_failures", node_failures), ("pool_size", pool_size)):
-            if not (type(count) is int and count >= 1):
-                raise ConfigurationError(f"{name} must be an int >= 1, got {count!r}")
+        _check_counts(node_failures=node_failures, pool_size=pool_size)
         _check_seconds("node_cooldown", node_cooldown)
         ring = partial(
             _Ring,

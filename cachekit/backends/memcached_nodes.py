@@ -201,6 +201,14 @@ def _server_specs(servers: str | Sequence[str]) -> list[Any]:
     return specs
 
 
+def _node_name(spec: Any) -> str:
+    """A server's name in the hash ring, as ``HashClient`` names it: ``"host:port"``, or
+    a unix socket's path. Every client that agrees on the names agrees on the routes."""
+    if isinstance(spec, tuple):
+        return "%s:%s" % spec  # noqa: UP031 - HashClient's exact formatting
+    return str(spec)
+
+
 def _check_seconds(name: str, value: float) -> None:
     if not (isinstance(value, int | float) and value > 0):
         raise ConfigurationError(f"{name} must be positive seconds, got {value!r}")
