@@ -190,9 +190,12 @@ class AsyncCache(CacheCore):
         return lookup
 
     def _start_replayer(self) -> None:
-        self._replayer = asyncio.get_running_loop().create_task(
-            self._replay_in_background(), name="cachekit-journal"
-        )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # recorded outside the loop: the next record starts it
+            self.journal.stopped()
+            return
+        self._replayer = loop.create_task(self._replay_in_background(), name="cachekit-journal")
 
     async def _replay_in_background(self) -> None:
         try:

@@ -473,14 +473,17 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[Any, str]]:
 
 
 @pytest.fixture(params=["sync", "async"])
-def both_drivers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def both_drivers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Run the module's tests with ``Cache``, then with ``AsyncCache`` behind
     ``Cache``'s API (see tests/drivers.py)."""
-    if request.param == "async":
-        from tests.drivers import AsyncAsSync
+    if request.param == "sync":
+        yield "sync"
+        return
+    from tests import drivers
 
-        monkeypatch.setattr(request.module, "Cache", AsyncAsSync)
-    return str(request.param)
+    monkeypatch.setattr(request.module, "Cache", drivers.AsyncAsSync)
+    yield "async"
+    drivers.call(drivers.close_opened())
 
 
 # -- async backends --------------------------------------------------------------------

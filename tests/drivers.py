@@ -6,8 +6,10 @@ in place of the module's ``Cache``. Every call then goes through ``AsyncCache`` 
 async driver of the same core flows, on one event loop thread shared by the session;
 sync loaders run in worker threads (``asyncio.to_thread``), so a loader that blocks
 never blocks the loop, and the caller's context (the lease re-entrancy check) travels
-with each call. Backends that are not async are awaited inline
-(:class:`~cachekit.backends.proxy.InProcessAsync`): the suites test the driver; the
+with each call. A plain ``RedisBackend`` is replaced by an ``AsyncRedisBackend`` on the
+same server (standalone or cluster), so the fault suites hang and kill a real async
+client; any other backend (memory, memcached, the suites' counting and failing
+wrappers) is awaited inline (:class:`~cachekit.backends.proxy.InProcessAsync`). The
 async backends have their own contract suite.
 """
 
@@ -21,9 +23,13 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
+import redis
+import redis.asyncio
+
 from cachekit import AsyncCache
 from cachekit.backends.base import AsyncBackend, Backend
 from cachekit.backends.proxy import InProcessAsync
+from cachekit.backends.redis import AsyncRedisBackend, RedisBackend
 
 T = TypeVar("T")
 
@@ -134,13 +140,47 @@ def _asynced(options: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
     }
 
 
+#: The async clients built for the current test, closed when it ends (both_drivers).
+OPENED: list[AsyncRedisBackend] = []
+
+
+def _async_twin(backend: Backend) -> AsyncBackend:
+    """An async backend on the same storage as ``backend`` (see the module docstring)."""
+    if type(backend) is not RedisBackend:
+        return InProcessAsync(backend)  # awaited inline
+    client = backend.client
+    if isinstance(client, redis.RedisCluster):
+        node = client.get_default_node()
+        assert node is not None
+        twin = AsyncRedisBackend(
+            redis.asyncio.RedisCluster(
+                host=node.host, port=node.port, socket_timeout=2.0, decode_responses=False
+            )
+        )
+    else:
+        kwargs = client.connection_pool.connection_kwargs
+        url = f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+        twin = AsyncRedisBackend.from_url(url, timeout=kwargs.get("socket_timeout") or 0.1)
+    OPENED.append(twin)
+    return twin
+
+
+async def close_opened() -> None:
+    """Close the async clients the test's caches opened."""
+    while OPENED:
+        twin = OPENED.pop()
+        await twin.aclose()
+        if isinstance(twin.client, redis.asyncio.RedisCluster):
+            await twin.client.aclose()  # injected: aclose() left it open
+
+
 class AsyncAsSync:
     """``Cache(backend, **options)``, served by an ``AsyncCache``."""
 
     def __init__(self, backend: Backend | AsyncBackend, **options: Any) -> None:
         store: Any = backend
         if isinstance(backend, Backend) and not backend.capabilities.in_process:
-            store = InProcessAsync(backend)  # awaited inline: see the module docstring
+            store = _async_twin(backend)
         self.acache = AsyncCache(store, **options)
         self.backend = backend
 

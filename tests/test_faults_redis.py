@@ -38,7 +38,7 @@ from tests.conftest import require
 from tests.servers import Server, ServerError, Servers, binary, redis_command
 from tests.support import CountingBackend
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("both_drivers")]
+pytestmark = pytest.mark.slow  # the async driver under faults: test_async_faults.py
 
 TIMEOUT = 0.1  # RedisBackend.from_url's default socket budget
 STALLS_PER_CALL = 4  # round trips of one call that can each wait out TIMEOUT
