@@ -109,7 +109,7 @@ class AsyncCache(CacheCore):
         )
         # In-process storage is read inline on the hit path: no coroutine per hit.
         inline = isinstance(inner, InProcessAsync) and self.breaker is None
-        self._sync_get: Callable[[str], Any] | None = (
+        self.inline_get: Callable[[str], Any] | None = (
             cast(InProcessAsync, inner).inner.get if inline else None
         )
         self._shared: dict[str, asyncio.Future[Any]] = {}
@@ -169,7 +169,7 @@ class AsyncCache(CacheCore):
             self,
             self.journal,
             self.store.get,
-            self._sync_get,
+            self.inline_get,
             self.run,
         )
         first_look, follow_up, slow = reads.first_look, reads.follow_up, reads.lookup

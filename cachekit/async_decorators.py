@@ -23,7 +23,14 @@ from typing import (
 )
 
 from cachekit.backends.base import MISSING
-from cachekit.decorators import CachedMethod, backend_key_of, check_cacheable
+from cachekit.decorators import (
+    MISS,
+    SLOW,
+    CachedMethod,
+    backend_key_of,
+    check_cacheable,
+    object_probe,
+)
 from cachekit.entries import Entry
 from cachekit.keymaker import KeyMaker, KeySpec, TagSpec
 from cachekit.policy import FillPolicy
@@ -115,7 +122,23 @@ def _wrap(
         loader = functools.partial(func, *args, **kwargs)
         return await load_or_serve(bkey, value, loader, policy, tags_of(args, kwargs))  # type: ignore[no-any-return]
 
-    return wrapper
+    plain = not policy.annotated and make_key.tags is None
+    fast = make_key.spec is None and cache.key_policy is None and make_key.arity == 1
+    if cache.inline_get is None or not (cache.objects and plain and fast):
+        return wrapper
+    # In-process objects, one argument, a default key: the hit needs no second coroutine.
+    probe = object_probe(cache, cache.inline_get, cache.backend_key(make_key.prefix))
+
+    async def object_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        value = probe(args, kwargs)
+        if value is SLOW:
+            return await wrapper(*args, **kwargs)
+        if value is MISS:
+            loader = functools.partial(func, *args, **kwargs)
+            return await load_or_serve(bkey_of(args, kwargs), MISSING, loader, policy, None)  # type: ignore[no-any-return]
+        return value  # type: ignore[no-any-return]
+
+    return object_wrapper
 
 
 class _Controls(Generic[P, R]):

@@ -146,9 +146,10 @@ OPENED: list[AsyncRedisBackend] = []
 
 def _async_twin(backend: Backend) -> AsyncBackend:
     """An async backend on the same storage as ``backend`` (see the module docstring)."""
-    if type(backend) is not RedisBackend:
+    client = getattr(backend, "client", None)
+    if type(backend) is not RedisBackend or type(client).__module__.startswith("fakeredis"):
         return InProcessAsync(backend)  # awaited inline
-    client = backend.client
+    assert client is not None
     if isinstance(client, redis.RedisCluster):
         node = client.get_default_node()
         assert node is not None
