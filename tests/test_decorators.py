@@ -366,7 +366,7 @@ def test_async_and_generator_functions_are_refused_at_decoration() -> None:
     for func, word in ((fetch, "async"), (rows, "a generator"), (stream, "a generator")):
         with pytest.raises(TypeError, match=f"{func.__name__}: it is {word}"):
             cache.cached()(func)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="use cachekit.AsyncCache for async functions"):
+    with pytest.raises(TypeError, match=r"use cachekit\.AsyncCache for async functions"):
         cache.cached()(fetch)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"put @classmethod above @cache\.cached\(\)"):
         cache.cached()(classmethod(lambda cls: 1))  # type: ignore[arg-type]
