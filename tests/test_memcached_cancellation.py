@@ -19,6 +19,8 @@ import pytest
 from cachekit.backends.base import MISSING
 from cachekit.backends.memcached import AsyncMemcachedBackend
 from cachekit.backends.memcached_async_connections import ServerConnections
+from tests.conftest import require
+from tests.servers import ServerError, Servers, binary, memcached_command
 from tests.test_memcached_connections import open_sockets
 
 pytestmark = pytest.mark.memcached
@@ -139,16 +141,30 @@ async def sample_sockets(peak: list[int], done: asyncio.Event) -> None:
 
 @pytest.fixture(params=[1, 3], ids=["one-server", "pool"])
 async def storm_backend(
-    request: pytest.FixtureRequest, memcached_pool: list[str]
+    request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[AsyncMemcachedBackend]:
-    backend = AsyncMemcachedBackend(
-        memcached_pool[: request.param],
-        timeout=GENEROUS,
-        connect_timeout=GENEROUS,
-        pool_size=POOL_SIZE,
-    )
-    yield backend
-    await backend.aclose()
+    """Memcached servers of the storm's own, with room for every value: the suite's
+    shared ones fill up (``SERVER_ERROR out of memory``) over a full run."""
+    require("the memcached binary", binary("memcached") is not None, "install memcached")
+    with Servers(tmp_path) as servers:
+        try:
+            nodes = [
+                servers.start(f"storm-{i}", memcached_command(memory_mb=64))
+                for i in range(request.param)
+            ]
+        except ServerError as exc:
+            require("memcached processes of our own", False, str(exc))
+            raise  # not reached: require() skipped or failed
+        backend = AsyncMemcachedBackend(
+            [node.address for node in nodes],
+            timeout=GENEROUS,
+            connect_timeout=GENEROUS,
+            pool_size=POOL_SIZE,
+        )
+        yield backend
+        await backend.aclose()
+        for node in nodes:  # throwaway data: SIGKILL, not SIGTERM's ~1 s exit
+            node.kill()
 
 
 async def test_a_cancellation_storm_leaves_every_reply_with_its_caller(
