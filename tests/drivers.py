@@ -42,8 +42,6 @@ def loop() -> asyncio.AbstractEventLoop:
     with _started:
         if not _loops:
             new = asyncio.new_event_loop()
-            # Many test threads may each block a worker in a loader at once.
-            new.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=256))
             threading.Thread(target=new.run_forever, name="test-loop", daemon=True).start()
             _loops.append(new)
     return _loops[0]
@@ -72,12 +70,31 @@ def call(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def in_thread(func: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
-    """``func`` as an ``async def`` that runs it in a worker thread (same signature,
-    name and qualified name, so its keys are the sync function's)."""
+    """``func`` as an ``async def`` that runs it in a thread of its own (same signature,
+    name and qualified name, so its keys are the sync function's), in the caller's
+    context. The thread is a daemon: a loader a test leaves blocked (its caller cancelled
+    or timed out) must not hold up the interpreter's exit, as an executor's would."""
 
     @functools.wraps(func)
     async def run(*args: Any, **kwargs: Any) -> T:
-        return await asyncio.to_thread(func, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        context = contextvars.copy_context()
+
+        def settle(outcome: Callable[[], None]) -> None:
+            if not done.done():  # the awaiting task may have been cancelled meanwhile
+                outcome()
+
+        def work() -> None:
+            try:
+                result = context.run(func, *args, **kwargs)
+            except BaseException as exc:  # handed to the awaiting task
+                loop.call_soon_threadsafe(settle, functools.partial(done.set_exception, exc))
+            else:
+                loop.call_soon_threadsafe(settle, functools.partial(done.set_result, result))
+
+        threading.Thread(target=work, name="test-loader", daemon=True).start()
+        return await done
 
     return run
 
