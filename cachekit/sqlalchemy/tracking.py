@@ -85,30 +85,31 @@ class WriteTracker:
             "after_commit": self._after_commit,
             "after_transaction_end": self._after_transaction_end,
         }
-        self._factories: list[sessionmaker[Any]] = []
+        self._classes: list[type[Session]] = []
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
 
     # -- registration ---------------------------------------------------------------------
 
-    def track(self, target: Session | sessionmaker[Any]) -> None:
-        """Listen to a sessionmaker (every session it makes) or to one session.
+    def track(self, target: Session | sessionmaker[Any] | type[Session]) -> None:
+        """Listen to one session, or to every session of a class: a sessionmaker's
+        own ``class_``, or the ``sync_session_class`` of an ``async_sessionmaker``.
 
-        A session whose sessionmaker is tracked already is left alone: listening
-        twice would apply each commit's work twice.
+        A session whose class is tracked already is left alone: listening twice
+        would apply each commit's work twice.
         """
         if isinstance(target, sessionmaker):
-            if target not in self._factories:
+            target = target.class_
+        if isinstance(target, type):
+            if target not in self._classes:
                 self._listen(target)
-                self._factories.append(target)
+                self._classes.append(target)
             return
         if not self.tracks(target):
             self._listen(target)
             self._sessions.add(target)
 
     def tracks(self, session: Session) -> bool:
-        return session in self._sessions or any(
-            isinstance(session, factory.class_) for factory in self._factories
-        )
+        return session in self._sessions or isinstance(session, tuple(self._classes))
 
     def _listen(self, target: Any) -> None:
         for name, listener in self._listeners.items():
@@ -116,11 +117,11 @@ class WriteTracker:
 
     def close(self) -> None:
         """Stop listening everywhere; pending work of open transactions is dropped."""
-        for target in [*self._factories, *self._sessions]:
+        for target in [*self._classes, *self._sessions]:
             for name, listener in self._listeners.items():
                 if event.contains(target, name, listener):
                     event.remove(target, name, listener)
-        self._factories.clear()
+        self._classes.clear()
         self._sessions = weakref.WeakSet()
 
     # -- recording ------------------------------------------------------------------------
