@@ -6,9 +6,11 @@ open when the write happened: a flush (``after_flush``), an ORM bulk statement
 
 - a released SAVEPOINT (``after_commit`` while a nested transaction is current) merges
   its work into the enclosing transaction;
-- the outermost commit hands everything left to ``committed`` (the invalidation: it
-  may raise, and the error reaches ``session.commit()``), and, once the session has
-  given its connections back, to ``settled`` (the write-through refill);
+- the outermost commit hands everything left to ``committed`` (the invalidation) and,
+  once the session has given its connections back, to ``settled`` (the write-through
+  refill). If ``committed`` raises (or is cancelled), the error reaches
+  ``session.commit()`` then, in place of the refill: raised from ``after_commit`` it
+  would leave the committed transaction open, holding its connection;
 - a transaction that ends any other way (``after_transaction_end``: ROLLBACK, ROLLBACK
   TO SAVEPOINT, ``close()``) was not committed, and its work is dropped with it.
 """
@@ -61,6 +63,7 @@ class Pending:
 class _SessionWork:
     open: dict[SessionTransaction, Pending] = field(default_factory=dict)
     committed: Pending | None = None  # invalidated, waiting for the refill
+    failed: BaseException | None = None  # from the invalidation, raised once closed
 
 
 class WriteTracker:
@@ -228,7 +231,11 @@ class WriteTracker:
         for pending in work.open.values():
             done.merge(pending)
         work.open.clear()
-        self._committed(done)  # may raise: the caller of commit() must hear of it
+        try:
+            self._committed(done)
+        except BaseException as exc:  # the caller of commit() hears of it once closed
+            work.failed = exc
+            return
         work.committed = done
 
     def _after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
@@ -239,6 +246,9 @@ class WriteTracker:
         if transaction.parent is None:
             work.open.clear()
             done, work.committed = work.committed, None
+            failed, work.failed = work.failed, None
+            if failed is not None:
+                raise failed
             if done is not None:
                 self._settled(done)
 
