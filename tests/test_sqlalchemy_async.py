@@ -143,9 +143,11 @@ STORAGES = [
 ]
 
 
-@pytest.fixture(params=STORAGES)
-def connect(request: pytest.FixtureRequest, namespace: str) -> Iterator[Callable[[], Controlled]]:
-    """Connects to one storage: each call is another process's connection."""
+def connections(
+    request: pytest.FixtureRequest, namespace: str
+) -> Iterator[Callable[[], Controlled]]:
+    """Connects to one storage (``request.param``, one of :data:`STORAGES`): each call
+    is another process's connection. Its namespace is cleaned up after the test."""
     memory = MemoryBackend()
     opened: list[RedisBackend] = []
 
@@ -162,6 +164,11 @@ def connect(request: pytest.FixtureRequest, namespace: str) -> Iterator[Callable
         if keys:
             backend.client.delete(*keys)
         backend.close()
+
+
+@pytest.fixture(params=STORAGES)
+def connect(request: pytest.FixtureRequest, namespace: str) -> Iterator[Callable[[], Controlled]]:
+    yield from connections(request, namespace)
 
 
 @pytest.fixture
@@ -480,7 +487,7 @@ async def test_the_loop_runs_while_a_commit_waits_for_its_invalidation(
     adb.db.seed(10)
     writer_backend = connect()
     async with (
-        repository(writer_backend, adb, namespace) as writer,
+        repository(writer_backend, adb, namespace),
         repository(connect(), adb, namespace, track=False) as reader,
     ):
         await reader.get(5)
