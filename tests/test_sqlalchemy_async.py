@@ -1,17 +1,16 @@
 """AsyncCachedRepository: the sync repository's scenarios on AsyncSession and AsyncCache.
 
 Each scenario runs on SQLite (aiosqlite) and, marked ``postgres``, PostgreSQL (psycopg
-async), with the memory backend and, marked ``redis``, the real Redis behind
-``InProcessAsync`` (a network-like backend for ``AsyncCache``). A second ``AsyncCache``
-on the same storage plays another process: what it reads is what the server holds, not
-what the committing process's journal hides.
+async), with the memory backend and, marked ``redis``, ``AsyncRedisBackend`` on the
+real Redis. A second ``AsyncCache`` on the same storage plays another process: what it
+reads is what the server holds, not what the committing process's journal hides.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,10 @@ from cachekit.backends.base import AsyncBackend
 from cachekit.backends.counting import AsyncCountingBackend
 from cachekit.backends.memory import MemoryBackend
 from cachekit.backends.proxy import InProcessAsync
-from cachekit.backends.redis import RedisBackend
+from cachekit.backends.redis_async import AsyncRedisBackend
 from cachekit.exceptions import BackendError, ConfigurationError
 from cachekit.sqlalchemy import AsyncCachedRepository
+from tests.conftest import SERVER_TIMEOUT, RedisCommands, aforget_namespace
 from tests.test_sqlalchemy_repository import (
     DATABASES,
     EPOCH,
@@ -143,32 +143,34 @@ STORAGES = [
 ]
 
 
-def connections(
+@asynccontextmanager
+async def connections(
     request: pytest.FixtureRequest, namespace: str
-) -> Iterator[Callable[[], Controlled]]:
+) -> AsyncIterator[Callable[[], Controlled]]:
     """Connects to one storage (``request.param``, one of :data:`STORAGES`): each call
-    is another process's connection. Its namespace is cleaned up after the test."""
+    is another process's connection. The test's keys are deleted afterwards."""
     memory = MemoryBackend()
-    opened: list[RedisBackend] = []
+    opened: list[AsyncRedisBackend] = []
 
     def new() -> Controlled:
         if request.param == "memory":
             return Controlled(InProcessAsync(memory))
-        redis_backend = RedisBackend.from_url(request.getfixturevalue("redis_server"), timeout=2.0)
-        opened.append(redis_backend)
-        return Controlled(InProcessAsync(redis_backend))
+        url = request.getfixturevalue("redis_server")
+        opened.append(AsyncRedisBackend.from_url(url, timeout=SERVER_TIMEOUT))
+        return Controlled(opened[-1])
 
     yield new
     for backend in opened:
-        keys = list(backend.client.scan_iter(match=namespace + ":*"))
-        if keys:
-            backend.client.delete(*keys)
-        backend.close()
+        await aforget_namespace(backend, namespace)
+        await backend.aclose()
 
 
 @pytest.fixture(params=STORAGES)
-def connect(request: pytest.FixtureRequest, namespace: str) -> Iterator[Callable[[], Controlled]]:
-    yield from connections(request, namespace)
+async def connect(
+    request: pytest.FixtureRequest, namespace: str
+) -> AsyncIterator[Callable[[], Controlled]]:
+    async with connections(request, namespace) as new:
+        yield new
 
 
 @pytest.fixture
@@ -268,6 +270,24 @@ async def test_get_many_loads_30_misses_with_one_select_and_one_batch_fill(
         assert len(found) == 100 and list(found) == ids
         assert adb.db.selects() == 1
         assert dict(+backend.calls) == GET_MANY_CALLS, "the sync repository's round trips"
+
+
+@pytest.mark.redis
+async def test_get_many_is_8_round_trips_on_redis(
+    redis_server: str, aredis_commands: RedisCommands, sqlite_adb: AsyncDatabase, namespace: str
+) -> None:
+    sqlite_adb.db.seed(100)
+    backend = AsyncRedisBackend.from_url(redis_server, timeout=SERVER_TIMEOUT)
+    try:
+        async with repository(backend, sqlite_adb, namespace) as repo:  # type: ignore[arg-type]
+            ids = list(range(1, 101))
+            await repo.get_many(ids[:70])  # also the one-time persistence check and scripts
+            aredis_commands.writes.clear()
+            assert len(await repo.get_many(ids)) == 100
+            assert aredis_commands.writes["writes"] == sum(GET_MANY_CALLS.values()) == 8
+    finally:
+        await aforget_namespace(backend, namespace)
+        await backend.aclose()
 
 
 # -- commits, rollbacks, SAVEPOINTs -----------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,9 @@ from tests.test_sqlalchemy_repository import DATABASES, QUERIES, User, new_user
 
 
 @pytest.fixture(params=STORAGES)
-def connect(request: pytest.FixtureRequest, namespace: str) -> Iterator[Callable[[], Any]]:
-    yield from connections(request, namespace)
+async def connect(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[Any]:
+    async with connections(request, namespace) as new:
+        yield new
 
 
 @pytest.fixture(params=DATABASES)
