@@ -43,7 +43,6 @@ from sqlalchemy.orm import Session
 
 from cachekit.async_cache import AsyncCache
 from cachekit.async_views import AsyncReadThroughView
-from cachekit.exceptions import ConfigurationError
 from cachekit.sqlalchemy.base import PkKeys, RepositoryBase, WritePolicy
 from cachekit.sqlalchemy.rows import Pk, Snapshot
 from cachekit.sqlalchemy.tracking import RowTags
@@ -157,12 +156,11 @@ class AsyncCachedRepository(RepositoryBase[M]):
         sync = _sync(session)
         if session is not None and self._tracker.written(session.sync_session):
             return list((await session.execute(stmt)).scalars().all())
-        declared = None if tags is None else list(tags)
         snapshots: list[Snapshot] = await self.cache.get_or_load(
             self.query_key(name),
             functools.partial(self._run_query, stmt),
             ttl,
-            tags=functools.partial(self._query_tags, declared),
+            tags=self._query_tags(tags),
         )
         return [self._entity(snapshot, sync) for snapshot in snapshots]
 
@@ -214,8 +212,7 @@ class AsyncCachedRepository(RepositoryBase[M]):
             BackendError: the cache could not be invalidated; the transaction is rolled
                 back when it is this method's own, and should be by the caller otherwise.
         """
-        if chunk < 1:
-            raise ConfigurationError(f"chunk must be a positive number of rows, got {chunk!r}")
+        chunk = self._chunk(chunk)
         return await self._in_transaction(
             session, lambda active: self._delete_chunks(active, condition, chunk)
         )

@@ -26,7 +26,7 @@ repository implements.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, Literal, TypeVar, cast
 
 from sqlalchemy import ColumnElement, CursorResult, Executable, delete
@@ -115,9 +115,15 @@ class RepositoryBase(Generic[M]):
         # Absent rows (cached None) carry the tags too: an insert must drop them.
         return [self._row_tag(pk), self.any_tag]
 
-    def _query_tags(self, declared: list[str] | None, snapshots: list[Snapshot]) -> list[str]:
-        rows = [self._row_tag(self._rows.pk_of(snapshot)) for snapshot in snapshots]
-        return [*rows, self.any_tag, *([self.table_tag] if declared is None else declared)]
+    def _query_tags(self, tags: Iterable[str] | None) -> Callable[[list[Snapshot]], list[str]]:
+        """The tags of a query's entry, from the snapshots it returned."""
+        declared = [self.table_tag] if tags is None else list(tags)
+
+        def of(snapshots: list[Snapshot]) -> list[str]:
+            rows = [self._row_tag(self._rows.pk_of(snapshot)) for snapshot in snapshots]
+            return [*rows, self.any_tag, *declared]
+
+        return of
 
     def _invalidation_tags(self, pks: Iterable[Pk], tags: Iterable[str]) -> list[str]:
         """What invalidating rows drops by tag: their row tags, and ``tags``."""
@@ -190,6 +196,11 @@ class RepositoryBase(Generic[M]):
         session.delete(obj)
         self._tracker.record(session, Pending(deleted={key}))
         return True
+
+    def _chunk(self, chunk: int) -> int:
+        if chunk < 1:
+            raise ConfigurationError(f"chunk must be a positive number of rows, got {chunk!r}")
+        return chunk
 
     def _delete_chunks(self, session: Session, condition: ColumnElement[bool], chunk: int) -> int:
         """``delete_where``'s work: per chunk, select the keys, invalidate them, delete."""

@@ -14,7 +14,6 @@ from sqlalchemy import ColumnElement, Executable
 from sqlalchemy.orm import Session, sessionmaker
 
 from cachekit.cache import Cache
-from cachekit.exceptions import ConfigurationError
 from cachekit.sqlalchemy.base import PkKeys, RepositoryBase, WritePolicy
 from cachekit.sqlalchemy.rows import Pk, Snapshot
 from cachekit.sqlalchemy.tracking import RowTags
@@ -123,12 +122,11 @@ class CachedRepository(RepositoryBase[M]):
         """
         if session is not None and self._tracker.written(session):
             return list(session.execute(stmt).scalars().all())
-        declared = None if tags is None else list(tags)
         snapshots: list[Snapshot] = self.cache.get_or_load(
             self.query_key(name),
             functools.partial(self._run_query, stmt),
             ttl,
-            tags=functools.partial(self._query_tags, declared),
+            tags=self._query_tags(tags),
         )
         return [self._entity(snapshot, session) for snapshot in snapshots]
 
@@ -180,8 +178,7 @@ class CachedRepository(RepositoryBase[M]):
             BackendError: the cache could not be invalidated; the transaction is rolled
                 back when it is this method's own, and should be by the caller otherwise.
         """
-        if chunk < 1:
-            raise ConfigurationError(f"chunk must be a positive number of rows, got {chunk!r}")
+        chunk = self._chunk(chunk)
         return self._in_transaction(
             session, lambda active: self._delete_chunks(active, condition, chunk)
         )
