@@ -151,26 +151,32 @@ IMMEDIATE = "test_begin_immediate"
 
 
 def _sqlite_engine(path: Path, *, wal: bool) -> Engine:
-    """pysqlite's own BEGIN handling breaks SAVEPOINTs; SQLAlchemy's documented fix.
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
+    sqlite_transactions(engine, wal=wal)
+    return engine
+
+
+def sqlite_transactions(engine: Engine, *, wal: bool) -> None:
+    """pysqlite's (and aiosqlite's) own BEGIN handling breaks SAVEPOINTs; SQLAlchemy's
+    documented fix, on a sync engine or an async one's ``sync_engine``.
 
     With ``wal``, readers read while a writer's transaction is open (as on
     PostgreSQL), and an engine with the :data:`IMMEDIATE` option takes the write lock
     at BEGIN, so writers wait for each other instead of failing to upgrade a read lock.
     """
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
 
     @event.listens_for(engine, "connect")
     def autocommit_driver(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.isolation_level = None
         if wal:
-            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.close()
 
     @event.listens_for(engine, "begin")
     def begin(connection: Any) -> None:
         immediate = connection.get_execution_options().get(IMMEDIATE)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-    return engine
 
 
 @contextmanager
@@ -269,18 +275,26 @@ def assert_cache_agrees(repo: CachedRepository[User], db: Database, pks: list[in
 
     Returns how many entries were compared, so tests can insist the check was not empty.
     """
-    rows = db.users()
     cached = repo.cache.get_many([repo.key(pk) for pk in pks])  # tag-checked, as get() is
+    queries = {name: repo.cache.get(repo.query_key(name)) for name in QUERIES}
+    return compare_with_database(db, repo, pks, cached, queries)
+
+
+def compare_with_database(
+    db: Database, repo: Any, pks: list[int], cached: dict[str, Any], queries: dict[str, Any]
+) -> int:
+    """:func:`assert_cache_agrees` once the entries are read (by ``Cache`` or
+    ``AsyncCache``): ``cached`` by entity key, ``queries`` by query name."""
+    rows = db.users()
     for pk in pks:
         value = cached.get(repo.key(pk), MISSING)
         assert value is MISSING or value == rows.get(pk), f"entity {pk}: {value} != {rows.get(pk)}"
     compared = len(cached)
     with db.Session() as session:
         for name, stmt in QUERIES.items():
-            cached = repo.cache.get(repo.query_key(name))
-            if cached is not MISSING:
+            if queries[name] is not MISSING:
                 fresh = [snapshot(u) for u in session.scalars(stmt())]
-                assert cached == fresh, f"query {name} disagrees with the database"
+                assert queries[name] == fresh, f"query {name} disagrees with the database"
                 compared += 1
     return compared
 
@@ -341,6 +355,12 @@ def test_composite_keys_are_unambiguous(local_cache: Cache, db: Database) -> Non
     repo.close()
 
 
+#: Cache calls of ``get_many`` of 100 ids, 30 of them misses: the read, the hits' tag
+#: check, the tag tokens of the loaded rows; leases, new tokens; the epoch before the
+#: load and again after creating tokens (cachekit.core.tags); one batch fill.
+GET_MANY_CALLS = {"get_many": 3, "add_many": 2, "get": 2, "compare_and_set_many": 1}
+
+
 def test_get_many_loads_30_misses_with_one_select_and_one_batch_fill(
     backend: Backend, namespace: str, sqlite_db: Database
 ) -> None:
@@ -355,13 +375,7 @@ def test_get_many_loads_30_misses_with_one_select_and_one_batch_fill(
     assert len(found) == 100 and list(found) == ids
     assert sqlite_db.selects() == 1
     assert " IN (" in next(sql for sql in sqlite_db.statements if "SELECT" in sql)
-    calls = counting.calls
-    assert calls["compare_and_set_many"] == 1, "one batch fill for the 30 misses"
-    assert calls["set"] == calls["set_many"] == calls["compare_and_set"] == 0
-    # The read, the hits' tag check, the tag tokens of the loaded rows; leases; tokens;
-    # the epoch before the load and again after creating tokens (cachekit.core.tags).
-    assert calls["get_many"] == 3 and calls["add_many"] == 2 and calls["get"] == 2
-    assert sum(calls.values()) == 8
+    assert dict(+counting.calls) == GET_MANY_CALLS
     repo.close()
 
 
@@ -650,7 +664,7 @@ def test_configuration_errors(local_cache: Cache, sqlite_db: Database) -> None:
         make_repository(cache, sqlite_db, dict)
 
 
-@pytest.mark.parametrize("name", ["rows", "tracking", "repository", ""])
+@pytest.mark.parametrize("name", ["rows", "tracking", "base", "repository", "async_repository", ""])
 def test_all_is_sorted_and_importable(name: str) -> None:
     module = importlib.import_module("cachekit.sqlalchemy" + (f".{name}" if name else ""))
     names = module.__all__

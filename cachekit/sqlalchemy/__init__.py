@@ -11,9 +11,13 @@ The only part of cachekit that imports SQLAlchemy (``pip install
     with Session.begin() as session:
         users.update(user, session=session)  # the cache changes after the commit
 
+    users = AsyncCachedRepository(acache, User, session_factory=AsyncSessionMaker)
+    await users.get(7)  # the same API on AsyncCache and AsyncSession, as coroutines
+
 Modules: :mod:`~cachekit.sqlalchemy.rows` (keys, snapshots, detached instances),
 :mod:`~cachekit.sqlalchemy.tracking` (session events, work per transaction),
-:mod:`~cachekit.sqlalchemy.repository` (the repository).
+:mod:`~cachekit.sqlalchemy.base` (keys, tags, SQL and commit work both share),
+:mod:`~cachekit.sqlalchemy.repository` and :mod:`~cachekit.sqlalchemy.async_repository`.
 """
 
 from cachekit.exceptions import missing_dependency
@@ -23,6 +27,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise missing_dependency("sqlalchemy", "sqlalchemy") from exc
 
+from cachekit.sqlalchemy.async_repository import AsyncCachedRepository
 from cachekit.sqlalchemy.repository import CachedRepository, WritePolicy
 
-__all__ = ["CachedRepository", "WritePolicy"]
+__all__ = ["AsyncCachedRepository", "CachedRepository", "WritePolicy"]

@@ -6,9 +6,11 @@ open when the write happened: a flush (``after_flush``), an ORM bulk statement
 
 - a released SAVEPOINT (``after_commit`` while a nested transaction is current) merges
   its work into the enclosing transaction;
-- the outermost commit hands everything left to ``committed`` (the invalidation: it
-  may raise, and the error reaches ``session.commit()``), and, once the session has
-  given its connections back, to ``settled`` (the write-through refill);
+- the outermost commit hands everything left to ``committed`` (the invalidation) and,
+  once the session has given its connections back, to ``settled`` (the write-through
+  refill). If ``committed`` raises (or is cancelled), the error reaches
+  ``session.commit()`` then, in place of the refill: raised from ``after_commit`` it
+  would leave the committed transaction open, holding its connection;
 - a transaction that ends any other way (``after_transaction_end``: ROLLBACK, ROLLBACK
   TO SAVEPOINT, ``close()``) was not committed, and its work is dropped with it.
 """
@@ -61,6 +63,7 @@ class Pending:
 class _SessionWork:
     open: dict[SessionTransaction, Pending] = field(default_factory=dict)
     committed: Pending | None = None  # invalidated, waiting for the refill
+    failed: BaseException | None = None  # from the invalidation, raised once closed
 
 
 class WriteTracker:
@@ -85,30 +88,31 @@ class WriteTracker:
             "after_commit": self._after_commit,
             "after_transaction_end": self._after_transaction_end,
         }
-        self._factories: list[sessionmaker[Any]] = []
+        self._classes: list[type[Session]] = []
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
 
     # -- registration ---------------------------------------------------------------------
 
-    def track(self, target: Session | sessionmaker[Any]) -> None:
-        """Listen to a sessionmaker (every session it makes) or to one session.
+    def track(self, target: Session | sessionmaker[Any] | type[Session]) -> None:
+        """Listen to one session, or to every session of a class: a sessionmaker's
+        own ``class_``, or the ``sync_session_class`` of an ``async_sessionmaker``.
 
-        A session whose sessionmaker is tracked already is left alone: listening
-        twice would apply each commit's work twice.
+        A session whose class is tracked already is left alone: listening twice
+        would apply each commit's work twice.
         """
         if isinstance(target, sessionmaker):
-            if target not in self._factories:
+            target = target.class_
+        if isinstance(target, type):
+            if target not in self._classes:
                 self._listen(target)
-                self._factories.append(target)
+                self._classes.append(target)
             return
         if not self.tracks(target):
             self._listen(target)
             self._sessions.add(target)
 
     def tracks(self, session: Session) -> bool:
-        return session in self._sessions or any(
-            isinstance(session, factory.class_) for factory in self._factories
-        )
+        return session in self._sessions or isinstance(session, tuple(self._classes))
 
     def _listen(self, target: Any) -> None:
         for name, listener in self._listeners.items():
@@ -116,11 +120,11 @@ class WriteTracker:
 
     def close(self) -> None:
         """Stop listening everywhere; pending work of open transactions is dropped."""
-        for target in [*self._factories, *self._sessions]:
+        for target in [*self._classes, *self._sessions]:
             for name, listener in self._listeners.items():
                 if event.contains(target, name, listener):
                     event.remove(target, name, listener)
-        self._factories.clear()
+        self._classes.clear()
         self._sessions = weakref.WeakSet()
 
     # -- recording ------------------------------------------------------------------------
@@ -227,7 +231,11 @@ class WriteTracker:
         for pending in work.open.values():
             done.merge(pending)
         work.open.clear()
-        self._committed(done)  # may raise: the caller of commit() must hear of it
+        try:
+            self._committed(done)
+        except BaseException as exc:  # the caller of commit() hears of it once closed
+            work.failed = exc
+            return
         work.committed = done
 
     def _after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
@@ -238,6 +246,9 @@ class WriteTracker:
         if transaction.parent is None:
             work.open.clear()
             done, work.committed = work.committed, None
+            failed, work.failed = work.failed, None
+            if failed is not None:
+                raise failed
             if done is not None:
                 self._settled(done)
 
