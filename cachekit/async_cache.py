@@ -39,8 +39,9 @@ K = TypeVar("K")
 V = TypeVar("V")
 T = TypeVar("T")
 
-# What a shared miss path hands its followers when it ended without a value (its
-# loader raised, or it was cancelled): each follower then takes the miss path itself.
+# What a shared miss path hands its followers when it ended without a value the cache
+# holds (its loader raised, it was cancelled, or its fill was not stored): each
+# follower then takes the miss path itself.
 _RETRY: Final = object()
 
 
@@ -297,13 +298,18 @@ class AsyncCache(CacheCore):
                 return value
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._shared[bkey] = future
+        outcome = leases.Outcome()
         try:
-            value = await self.run(leases.load_and_fill(self, bkey, loader, policy, tags_of))
+            flow = leases.load_and_fill(self, bkey, loader, policy, tags_of, outcome)
+            value = await self.run(flow)
         except BaseException:
             future.set_result(_RETRY)
             raise
         else:
-            future.set_result(value)
+            # Followers take the value only if it is the one the cache holds: a fill that
+            # a write or an invalidation rejected may be older than what they must see,
+            # so they take the miss path again, as waiters on a lease would.
+            future.set_result(value if outcome.cached else _RETRY)
         finally:
             if self._shared.get(bkey) is future:
                 del self._shared[bkey]

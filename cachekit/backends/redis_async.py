@@ -28,7 +28,7 @@ from cachekit.exceptions import missing_dependency
 from cachekit.keys import encode_key
 
 try:
-    from redis.asyncio import Redis
+    from redis.asyncio import BlockingConnectionPool, Redis
     from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
@@ -83,7 +83,9 @@ class AsyncRedisBackend:
         self._undiscovered = isinstance(client, RedisCluster)  # see _discover
 
     @classmethod
-    def from_url(cls, url: str, *, timeout: float = 0.1) -> AsyncRedisBackend:
+    def from_url(
+        cls, url: str, *, timeout: float = 0.1, max_connections: int = 100
+    ) -> AsyncRedisBackend:
         """Connect to ``redis://host:port/db`` with cache-friendly failure behaviour.
 
         As :meth:`RedisBackend.from_url <cachekit.backends.redis.RedisBackend.from_url>`:
@@ -94,9 +96,21 @@ class AsyncRedisBackend:
         Args:
             url: a ``redis://``, ``rediss://`` or ``unix://`` URL.
             timeout: seconds allowed for connecting and for each command.
+            max_connections: the most connections open at once; more concurrent calls
+                wait for one (redis.asyncio's default pool refuses them instead).
         """
         options = url_options(timeout)
-        client = Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+        # Calls past max_connections wait for a connection (up to a second more than a
+        # command may take) instead of failing at once: a busy pool is not a failing
+        # server, and must not open the breaker or journal invalidations.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout + 1.0,
+            retry=Retry(NoBackoff(), 0),
+            **options,
+        )
+        client = Redis.from_pool(pool)
         backend = cls(client)
         backend._owns_client = True
         return backend

@@ -50,7 +50,7 @@ from cachekit.policy import FillPolicy
 if TYPE_CHECKING:
     from cachekit.core.state import CacheCore, TagsOf
 
-__all__ = ["load_and_fill", "load_many_under_lease", "refuse_reentry"]
+__all__ = ["Outcome", "load_and_fill", "load_many_under_lease", "refuse_reentry"]
 
 K = TypeVar("K")
 
@@ -94,18 +94,32 @@ def refuse_reentry(core: CacheCore, bkeys: Iterable[str]) -> None:
                 )
 
 
+class Outcome:
+    """What became of a miss: ``cached`` is true when the value returned is the one the
+    cache holds (this caller's fill landed, or a waiter read the holder's), false when
+    it was loaded but not stored (rejected by a write or invalidation, not storable, or
+    loaded without the cache). Callers in the same process that share one miss path
+    may take its value only in the first case (see ``AsyncCache.load_or_serve``)."""
+
+    __slots__ = ("cached",)
+
+    def __init__(self) -> None:
+        self.cached = False
+
+
 class _GiveUp(enum.Enum):
     """The holder outlived its lease and the grace period: stop waiting."""
 
     GIVE_UP = "GIVE_UP"
 
 
-def load_and_fill(
+def load_and_fill(  # noqa: PLR0917 - the miss path's arguments
     core: CacheCore,
     bkey: str,
     loader: Callable[[], Any],
     policy: FillPolicy,
     tags_of: TagsOf = None,
+    outcome: Outcome | None = None,
 ) -> Flow[Any]:
     """The miss path after a lookup missed: under a lease unless leases are off."""
     if core.journal and bkey in core.journal.keys:
@@ -114,18 +128,19 @@ def load_and_fill(
         # filled either (see fills.pack_fill): load without the cache.
         return (yield from fills.load_uncached(core, loader))
     if policy.lease_ttl is not None:
-        return (yield from _load_under_lease(core, bkey, loader, policy, tags_of))
+        return (yield from _load_under_lease(core, bkey, loader, policy, tags_of, outcome))
     loaded = yield from fills.timed_load(core, loader, tags_of)
     yield from fills.store_unleased(core, bkey, loaded, policy)
     return loaded.value
 
 
-def _load_under_lease(
+def _load_under_lease(  # noqa: PLR0917 - as load_and_fill
     core: CacheCore,
     bkey: str,
     loader: Callable[[], Any],
     policy: FillPolicy,
-    tags_of: TagsOf = None,
+    tags_of: TagsOf,
+    outcome: Outcome | None,
 ) -> Flow[Any]:
     """The miss path: take the lease and load, or wait for the holder's value."""
     lease_ttl = policy.lease_ttl
@@ -142,7 +157,8 @@ def _load_under_lease(
             _lost(core, {bkey: marker} if isinstance(exc, BackendTimeout) else {}, exc)
             return (yield from fills.load_uncached(core, loader))
         if acquired:
-            return (yield from _load_as_holder(core, bkey, marker, loader, policy, tags_of))
+            holder = _load_as_holder(core, bkey, marker, loader, policy, tags_of, outcome)
+            return (yield from holder)
         if deadline is None:
             core.counters.lease_waits += 1
             slack = core.capabilities.ttl_slack
@@ -151,6 +167,8 @@ def _load_under_lease(
         if value is _GiveUp.GIVE_UP:
             return (yield from fills.load_uncached(core, loader))
         if value is not MISSING:
+            if outcome is not None:
+                outcome.cached = True  # the holder's value, read from the cache
             return value
         # MISSING: the lease was released, expired or invalidated; compete again, after
         # a short pause and within the deadline: an entry that can be neither used nor
@@ -204,6 +222,7 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
     loader: Callable[[], Any],
     policy: FillPolicy,
     tags_of: TagsOf,
+    outcome: Outcome | None,
 ) -> Flow[Any]:
     try:
         with _holding(core, (bkey,)):
@@ -236,6 +255,8 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
         raise
     if not stored:
         core.counters.fills_rejected += 1
+    elif outcome is not None:
+        outcome.cached = True
     return value
 
 
