@@ -26,7 +26,9 @@ from redis.connection import AbstractConnection
 from redis.retry import Retry
 
 import cachekit.backends.memcached as memcached_module
+from cachekit.async_cache import AsyncCache
 from cachekit.backends.base import AsyncBackend, Backend, Capabilities
+from cachekit.backends.counting import AsyncCountingBackend
 from cachekit.backends.memcached import AsyncMemcachedBackend, MemcachedBackend
 from cachekit.backends.memory import MemoryBackend
 from cachekit.backends.proxy import InProcessAsync
@@ -585,3 +587,15 @@ def async_expiry(async_backend: AsyncBackend, request: pytest.FixtureRequest) ->
     if isinstance(async_backend, AsyncMemcachedBackend):
         return async_memcached_expiry(request, request.node.callspec.params["async_backend"])
     raise NotImplementedError(f"no expiry for {async_backend!r}")
+
+
+@pytest.fixture
+def async_counted(async_backend: AsyncBackend) -> AsyncCountingBackend:
+    """The async backend under test, counting each contract call."""
+    return AsyncCountingBackend(async_backend)
+
+
+@pytest.fixture
+def acache(async_counted: AsyncCountingBackend, namespace: str) -> AsyncCache:
+    """An AsyncCache on the counted async backend, with leases no test outlives (30 s)."""
+    return AsyncCache(async_counted, namespace=namespace, lease_ttl=30.0, lease_poll=0.02)
