@@ -372,14 +372,12 @@ async def test_two_racing_write_throughs_leave_the_records_value(acache: AsyncCa
 
 
 @on_two
-@pytest.mark.xfail(strict=True, reason="BUG: a late miss joins a load older than an invalidation")
 async def test_a_read_that_starts_after_an_invalidation_gets_the_new_version(
     acache: AsyncCache,
 ) -> None:
-    """BUG (cachekit.AsyncCache.load_or_serve): a task that misses after a write and its
-    invalidation completed joins a miss path that loaded before them and returns its
-    value, whose fill the invalidation rejected. ``Cache`` (and another process) would
-    take a new lease and load the new version."""
+    """A task that misses after a write and its invalidation completed must not take
+    the value of a miss path that loaded before them (its fill was rejected): as with
+    ``Cache`` (and another process), it loads the new version."""
     db, gate = {"k": 0}, Gate()
 
     async def load() -> int:

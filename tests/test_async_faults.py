@@ -212,16 +212,14 @@ async def test_a_cancellation_storm_returns_no_wrong_value(
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(strict=True, reason="BUG: AsyncRedisBackend.from_url fails calls past 100")
 async def test_more_tasks_than_pooled_connections_do_not_look_like_a_failing_server(
     redis_server: str, namespace: str
 ) -> None:
-    """BUG (AsyncRedisBackend.from_url): redis.asyncio's ConnectionPool (redis-py 8.1)
-    opens at most 100 connections and refuses the next call at once with
-    ``MaxConnectionsError("Too many connections")``, which the backend wraps as a
-    ``BackendError``: to the cache a failing server, so reads fall through to the loader,
-    invalidations are journaled, and the breaker opens, on a healthy server under an
-    ordinary asyncio load of 200 tasks."""
+    """redis.asyncio's default ConnectionPool (redis-py 8.1) opens at most 100
+    connections and refuses the next call at once with ``MaxConnectionsError``, which
+    the cache would take for a failing server (reads falling through, invalidations
+    journaled, the breaker opening) under an ordinary load of 200 tasks; ``from_url``
+    uses a pool that makes such calls wait for a connection instead."""
     backend = AsyncRedisBackend.from_url(redis_server, timeout=SERVER_TIMEOUT)
     acache = AsyncCache(backend, namespace=namespace)
     try:
