@@ -24,8 +24,6 @@ from typing import (
 
 from cachekit.backends.base import MISSING
 from cachekit.decorators import (
-    MISS,
-    SLOW,
     CachedMethod,
     backend_key_of,
     check_cacheable,
@@ -126,19 +124,33 @@ def _wrap(
     fast = make_key.spec is None and cache.key_policy is None and make_key.arity == 1
     if cache.inline_get is None or not (cache.objects and plain and fast):
         return wrapper
-    # In-process objects, one argument, a default key: the hit needs no second coroutine.
-    probe = object_probe(cache, cache.inline_get, cache.backend_key(make_key.prefix))
+    # In-process objects, one argument, a default key: a hit needs no second coroutine.
+
+    def slow(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Later:
+        return _Later(wrapper(*args, **kwargs))
+
+    def miss(bkey: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Later:
+        loader = functools.partial(func, *args, **kwargs)
+        return _Later(load_or_serve(bkey, MISSING, loader, policy, None))
+
+    probe = object_probe(cache, cache.inline_get, cache.backend_key(make_key.prefix), slow, miss)
 
     async def object_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        value = probe(args, kwargs)
-        if value is SLOW:
-            return await wrapper(*args, **kwargs)
-        if value is MISS:
-            loader = functools.partial(func, *args, **kwargs)
-            return await load_or_serve(bkey_of(args, kwargs), MISSING, loader, policy, None)  # type: ignore[no-any-return]
+        value = probe(*args, **kwargs)
+        if type(value) is _Later:
+            return await value.awaitable  # type: ignore[no-any-return]
         return value  # type: ignore[no-any-return]
 
     return object_wrapper
+
+
+class _Later:
+    """What the probe returns when the call must be awaited: the generic path or a miss."""
+
+    __slots__ = ("awaitable",)
+
+    def __init__(self, awaitable: Awaitable[Any]) -> None:
+        self.awaitable = awaitable
 
 
 class _Controls(Generic[P, R]):
