@@ -9,6 +9,7 @@ one miss path: one lease attempt, one poll loop, one loader call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -19,7 +20,7 @@ from cachekit.async_views import AsyncReadThroughView, AsyncWriteThroughView
 from cachekit.backends.base import MISSING, AsyncBackend, Backend
 from cachekit.backends.proxy import InProcessAsync
 from cachekit.breaker import AsyncBreakerBackend, CircuitBreaker
-from cachekit.core import freshness, leases, reads, writes
+from cachekit.core import fills, freshness, leases, reads, writes
 from cachekit.core import journal as journal_flows
 from cachekit.core.ops import Call, Flow, Sleep
 from cachekit.core.reads import FollowUp
@@ -116,6 +117,7 @@ class AsyncCache(CacheCore):
         self._shared: dict[str, asyncio.Future[Any]] = {}
         self._replayer: asyncio.Task[None] | None = None
         self.journal.wake = self._start_replayer
+        self.journal.alive = self._replayer_alive
         self.lookup = self._make_lookup()
 
     def __repr__(self) -> str:
@@ -130,9 +132,14 @@ class AsyncCache(CacheCore):
     async def aclose(self) -> None:
         """Replay pending invalidations (a WARNING at exit names any left) and stop the
         background replay task. The backend stays open: it is the caller's."""
+        task, self._replayer = self._replayer, None
+        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+            # Stopped first: a replay it is in the middle of must end (and let go of the
+            # journal) before the last one, or that one would find the journal busy.
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.replay_invalidations()
-        if self._replayer is not None:
-            self._replayer.cancel()
 
     # -- the driver -------------------------------------------------------------------------
 
@@ -160,6 +167,9 @@ class AsyncCache(CacheCore):
                     result = op.loader()
                     if inspect.isawaitable(result):
                         result = await result
+            except GeneratorExit:  # this coroutine is being closed: so is the flow
+                flow.close()
+                raise
             except BaseException as exc:
                 result, error = None, exc
 
@@ -174,15 +184,22 @@ class AsyncCache(CacheCore):
             self.run,
         )
         first_look, follow_up, slow = reads.first_look, reads.follow_up, reads.lookup
+        objects, counters, not_plain = self.objects, self.counters, reads.NOT_PLAIN
+
+        reap = self._reap_replayer
 
         async def lookup(bkey: str) -> Any:
             if journal:
+                reap()
                 return await run(slow(core, bkey))
             try:
                 raw = sync_get(bkey) if sync_get is not None else await get(bkey)
             except CacheError as exc:
                 core.read_failed(exc)
                 return MISSING
+            if objects and type(raw) not in not_plain:  # a plain stored object: a hit
+                counters.hits += 1
+                return raw
             value = first_look(core, bkey, raw)
             if type(value) is FollowUp:
                 return await run(follow_up(core, bkey, value.value))
@@ -196,17 +213,40 @@ class AsyncCache(CacheCore):
         except RuntimeError:  # recorded outside the loop: the next record starts it
             self.journal.stopped()
             return
-        self._replayer = loop.create_task(self._replay_in_background(), name="cachekit-journal")
+        self._reap_replayer()
+        self._replayer = loop.create_task(
+            self._replay_in_background(self.journal.generation), name="cachekit-journal"
+        )
 
-    async def _replay_in_background(self) -> None:
+    def _reap_replayer(self) -> None:
+        """If the replay task's event loop is closed (ended without cancelling it, as
+        ``loop.run_until_complete`` per request does), close the task's coroutine here,
+        so that a replay it was in the middle of lets go of the journal."""
+        task = self._replayer
+        if task is not None and not task.done() and task.get_loop().is_closed():
+            self._replayer = None
+            task.get_coro().close()
+
+    def _replayer_alive(self) -> bool:
+        task = self._replayer
+        if task is None or task.done():
+            return task is None  # None: starting, not yet recorded
+        try:
+            return task.get_loop() is asyncio.get_running_loop()
+        except RuntimeError:  # no loop running here: it may be alive in its own
+            return True
+
+    async def _replay_in_background(self, generation: int) -> None:
         try:
             await self.run(journal_flows.background(self))
-        finally:
-            self.journal.stopped()
+        except BaseException:
+            self.journal.stopped(generation)
+            raise
 
     async def replay_invalidations(self) -> bool:
         """Replay journaled invalidations now, past the retry interval and the breaker;
         return whether none is left (see :mod:`cachekit.core.journal`)."""
+        self._reap_replayer()
         return await self.run(journal_flows.settle(self, direct=True, force=True))
 
     # -- reads ----------------------------------------------------------------------------
@@ -237,24 +277,31 @@ class AsyncCache(CacheCore):
     ) -> None:
         """Store ``value`` under ``key``; fails open into the journal (see :meth:`Cache.set`)."""
         await self.run(writes.set_one(self, key, value, ttl, tags))
+        self._forget([self.backend_key(key)])
 
     async def set_many(
         self, mapping: Mapping[str, Any], ttl: TTL | UseDefault = USE_DEFAULT
     ) -> None:
         """Store every item, in one backend round trip per distinct TTL."""
         await self.run(writes.set_many(self, mapping, ttl))
+        self._forget([self.backend_key(key) for key in mapping])
 
     async def delete(self, key: str) -> None:
         """Remove ``key``; a failure is journaled and replayed (see :meth:`Cache.delete`)."""
-        await self.run(writes.delete_many(self, [self.backend_key(key)]))
+        bkeys = [self.backend_key(key)]
+        await self.run(writes.delete_many(self, bkeys))
+        self._forget(bkeys)
 
     async def delete_many(self, keys: Iterable[str]) -> None:
         """Remove every key, in one backend round trip; failures are journaled."""
-        await self.run(writes.delete_many(self, [self.backend_key(key) for key in keys]))
+        bkeys = [self.backend_key(key) for key in keys]
+        await self.run(writes.delete_many(self, bkeys))
+        self._forget(bkeys)
 
     async def invalidate_tags(self, tags: Iterable[str]) -> None:
         """Remove every entry tagged with any of ``tags``, in two round trips."""
         await self.run(writes.invalidate_tags(self, tags))
+        self._forget(None)
 
     # -- cache-aside ----------------------------------------------------------------------
 
@@ -290,10 +337,8 @@ class AsyncCache(CacheCore):
         if found is not MISSING:
             return await self.run(freshness.serve(self, bkey, found, loader, policy, tags_of))
         leases.refuse_reentry(self, (bkey,))  # joining our own miss path would deadlock
-        while (shared := self._shared.get(bkey)) is not None:
-            self.counters.lease_waits += 1
-            # shield: a follower's cancellation must not cancel the shared result.
-            value = await asyncio.shield(shared)
+        if (shared := self._shared.get(bkey)) is not None:
+            value = await self._follow(bkey, shared, loader, policy)
             if value is not _RETRY:
                 return value
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -306,14 +351,45 @@ class AsyncCache(CacheCore):
             future.set_result(_RETRY)
             raise
         else:
-            # Followers take the value only if it is the one the cache holds: a fill that
-            # a write or an invalidation rejected may be older than what they must see,
-            # so they take the miss path again, as waiters on a lease would.
-            future.set_result(value if outcome.cached else _RETRY)
+            # A fill that a write or an invalidation rejected may be older than what the
+            # followers must see: they take the miss path again, as lease waiters would.
+            future.set_result(_RETRY if outcome.rejected else value)
         finally:
             if self._shared.get(bkey) is future:
                 del self._shared[bkey]
         return value
+
+    async def _follow(
+        self, bkey: str, shared: asyncio.Future[Any], loader: Callable[[], Any], policy: FillPolicy
+    ) -> Any:
+        """Wait for the miss path another task of this cache runs on ``bkey``: its value,
+        or :data:`_RETRY`. As a lease waiter, give up past the lease's lifetime and load
+        without the cache (a hung loader must not hang every caller of its key)."""
+        self.counters.lease_waits += 1
+        lease_ttl = policy.lease_ttl or self.lease_ttl or leases.GRACE
+        deadline = time.monotonic() + lease_ttl + leases.GRACE + self.capabilities.ttl_slack
+        while True:
+            try:
+                # shield: a follower's cancellation must not cancel the shared result.
+                timeout = max(0.0, deadline - time.monotonic())
+                value = await asyncio.wait_for(asyncio.shield(shared), timeout)
+            except TimeoutError:
+                return await self.run(fills.load_uncached(self, loader))
+            if value is not _RETRY:
+                return value
+            again = self._shared.get(bkey)
+            if again is None or again is shared:
+                return _RETRY  # no one leads now: this caller does
+            shared = again
+
+    def _forget(self, bkeys: Iterable[str] | None) -> None:
+        """After a write: a miss that starts now must not join a miss path that began
+        before it (``None``: every key, after a tag invalidation)."""
+        if bkeys is None:
+            self._shared.clear()
+        else:
+            for bkey in bkeys:
+                self._shared.pop(bkey, None)
 
     # -- strategies -------------------------------------------------------------------------
 

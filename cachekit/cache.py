@@ -110,7 +110,9 @@ class Cache(CacheCore):
         self.store: Backend = (
             backend if self.breaker is None else BreakerBackend(backend, self.breaker)
         )
+        self._replayer_thread: threading.Thread | None = None
         self.journal.wake = self._start_replayer
+        self.journal.alive = self._replayer_alive
         self.journal.on_exit = self._replay_at_exit
         self.lookup = self._make_lookup()
 
@@ -150,6 +152,7 @@ class Cache(CacheCore):
         """
         core, journal, get, run = self, self.journal, self.store.get, self.run
         first_look, follow_up, slow = reads.first_look, reads.follow_up, reads.lookup
+        objects, counters, not_plain = self.objects, self.counters, reads.NOT_PLAIN
 
         def lookup(bkey: str) -> Any:
             if journal:
@@ -159,6 +162,9 @@ class Cache(CacheCore):
             except CacheError as exc:
                 core.read_failed(exc)
                 return MISSING
+            if objects and type(raw) not in not_plain:  # a plain stored object: a hit
+                counters.hits += 1
+                return raw
             value = first_look(core, bkey, raw)
             if type(value) is FollowUp:
                 return run(follow_up(core, bkey, value.value))
@@ -167,13 +173,23 @@ class Cache(CacheCore):
         return lookup
 
     def _start_replayer(self) -> None:
-        threading.Thread(target=self._replayer, name="cachekit-journal", daemon=True).start()
+        generation = self.journal.generation
+        thread = threading.Thread(
+            target=self._replayer, args=(generation,), name="cachekit-journal", daemon=True
+        )
+        thread.start()
+        self._replayer_thread = thread
 
-    def _replayer(self) -> None:
+    def _replayer(self, generation: int) -> None:
         try:
             self.run(journal_flows.background(self))
-        finally:
-            self.journal.stopped()
+        except BaseException:
+            self.journal.stopped(generation)
+            raise
+
+    def _replayer_alive(self) -> bool:
+        thread = self._replayer_thread
+        return thread is None or thread.is_alive()  # None: starting, not yet recorded
 
     def _replay_at_exit(self) -> bool:
         return self.run(
@@ -288,12 +304,12 @@ class Cache(CacheCore):
         failure counted. ``tags`` (a list, or a function of the loaded value) puts the
         entry in key sets. The keyword options override the cache's for this call.
         """
-        if inspect.iscoroutinefunction(loader):
-            raise TypeError("get_or_load() got an async loader: use AsyncCache for async code")
         bkey = self.backend_key(key)
         value = self.lookup(bkey)
         if value is not MISSING and type(value) is not Entry:
             return value  # type: ignore[no-any-return]
+        if inspect.iscoroutinefunction(loader):  # checked on the miss path only
+            raise TypeError("get_or_load() got an async loader: use AsyncCache for async code")
         policy = self.policy(ttl, **options)
         return self.load_or_serve(bkey, value, loader, policy, tags_function(tags))  # type: ignore[no-any-return]
 

@@ -24,11 +24,11 @@ from typing import (
 )
 
 from cachekit.backends.base import MISSING
+from cachekit.core.reads import NOT_PLAIN
 from cachekit.entries import Entry
 from cachekit.exceptions import CacheError, KeyEncodingError
 from cachekit.keycodec import encode
 from cachekit.keymaker import KeyMaker, KeySpec, TagSpec
-from cachekit.markers import Marker
 from cachekit.policy import FillPolicy
 
 if TYPE_CHECKING:
@@ -233,7 +233,6 @@ def _generic_wrapper(
 
 
 # What an object backend's get returns that the fast path must not return as a value.
-_NOT_PLAIN = frozenset({type(MISSING), Marker, Entry})
 
 
 def object_probe(  # noqa: C901 - the hit path, inlined on purpose
@@ -252,7 +251,7 @@ def object_probe(  # noqa: C901 - the hit path, inlined on purpose
     in-process ``get`` never waits on I/O, so both drivers share this one."""
     counters = cache.counters
     pending = cache.journal.keys  # updated in place, so this stays current
-    not_plain = _NOT_PLAIN
+    not_plain = NOT_PLAIN
     quoted_prefix = full_prefix + "'"
 
     def probe(*args: Any, **kwargs: Any) -> Any:

@@ -86,19 +86,40 @@ def _refresh(
     if not acquired:  # another caller is refreshing: serve what we have
         return _served(core, entry, stale)
     try:
-        try:
-            loaded = yield from fills.timed_load(core, loader, tags_of)
-        except Exception as exc:  # serve-stale-on-error: the caller still gets a value
-            core.counters.errors += 1
-            core.log(f"refresh of {bkey!r} failed, serving the cached value: {exc!r}")
-            return _served(core, entry, stale)
-        yield from _store(core, bkey, entry, loaded, policy)
-        return loaded.value
-    finally:
-        try:
-            yield Call("compare_and_delete", (lease_key, marker))
-        except CacheError as exc:
-            core.write_failed(exc)  # the refresh lease expires on its own
+        result = yield from _reload(core, bkey, entry, loader, policy, tags_of, stale)
+    except GeneratorExit:
+        raise  # being closed: no more round trips; the refresh lease expires on its own
+    except BaseException:
+        yield from _release(core, lease_key, marker)
+        raise
+    yield from _release(core, lease_key, marker)
+    return result
+
+
+def _reload(  # noqa: PLR0917 - _refresh's arguments
+    core: CacheCore,
+    bkey: str,
+    entry: Entry,
+    loader: Callable[[], Any],
+    policy: FillPolicy,
+    tags_of: TagsOf,
+    stale: bool,
+) -> Flow[Any]:
+    try:
+        loaded = yield from fills.timed_load(core, loader, tags_of)
+    except Exception as exc:  # serve-stale-on-error: the caller still gets a value
+        core.counters.errors += 1
+        core.log(f"refresh of {bkey!r} failed, serving the cached value: {exc!r}")
+        return _served(core, entry, stale)
+    yield from _store(core, bkey, entry, loaded, policy)
+    return loaded.value
+
+
+def _release(core: CacheCore, lease_key: str, marker: Any) -> Flow[None]:
+    try:
+        yield Call("compare_and_delete", (lease_key, marker))
+    except CacheError as exc:
+        core.write_failed(exc)  # the refresh lease expires on its own
 
 
 def _store(

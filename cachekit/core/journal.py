@@ -66,7 +66,10 @@ class Journal:
 
     Attributes:
         wake: set by the facade: starts its background runner, which drives
-            :func:`background` and calls :meth:`stopped` when it ends.
+            :func:`background` (the flow ends once the journal is empty) and calls
+            :meth:`stopped` only if it ends otherwise (raised, cancelled).
+        alive: set by the facade: whether the runner it started can still run (a task
+            whose event loop is gone cannot).
         on_exit: set by the facade: one last replay at interpreter exit, or ``None``.
     """
 
@@ -83,6 +86,9 @@ class Journal:
         self.keys: set[str] = set()
         self.tags: set[str] = set()
         self.wake: Callable[[], None] | None = None
+        self.alive: Callable[[], bool] = lambda: True
+        #: Which runner is the current one: :meth:`stopped` from an older one is ignored.
+        self.generation = 0
         self.on_exit: Callable[[], object] | None = None
         self._next_try = 0.0
         self._next_direct = 0.0
@@ -124,15 +130,25 @@ class Journal:
             # this failure's write, so it must not clear them.
             self._again_keys |= keys
             self._again_tags |= tags
-            start = self.wake is not None and not self._running
-            self._running = self._running or start
+            start = self.wake is not None and not (self._running and self.alive())
+            if start:
+                self._running = True
+                self.generation += 1
         if start and self.wake is not None:
-            self.wake()
+            try:
+                self.wake()
+            except BaseException:
+                self.stopped()  # the next record tries again
+                raise
 
-    def stopped(self) -> None:
-        """The background runner ended (its flow returned, or it failed)."""
+    def stopped(self, generation: int | None = None) -> None:
+        """The background runner of ``generation`` (the current one if ``None``) ended
+        without its flow returning (it raised, or was cancelled). A flow that returns
+        has already said so, under the lock that :meth:`record` takes; an older runner
+        that ends late must not stop the one started since."""
         with self._lock:
-            self._running = False
+            if generation is None or generation == self.generation:
+                self._running = False
 
     def _keep_running(self) -> bool:
         with self._lock:

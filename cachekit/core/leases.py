@@ -50,14 +50,14 @@ from cachekit.policy import FillPolicy
 if TYPE_CHECKING:
     from cachekit.core.state import CacheCore, TagsOf
 
-__all__ = ["Outcome", "load_and_fill", "load_many_under_lease", "refuse_reentry"]
+__all__ = ["GRACE", "Outcome", "load_and_fill", "load_many_under_lease", "refuse_reentry"]
 
 K = TypeVar("K")
 
-# Waiters past the lease's own expiry allow this much, plus the backend's TTL slack
-# (memcached keeps a lease up to one second past lease_ttl), for it to go and a new
-# holder to appear; less would let every waiter load at once.
-_GRACE = 0.5
+#: Waiters past the lease's own expiry allow this much, plus the backend's TTL slack
+#: (memcached keeps a lease up to one second past lease_ttl), for it to go and a new
+#: holder to appear; less would let every waiter load at once.
+GRACE = 0.5
 # Lost leases remembered per cache, at most (past it, they expire on their own).
 _LOST_LIMIT = 10_000
 
@@ -75,7 +75,10 @@ def _holding(core: CacheCore, bkeys: Iterable[str]) -> Iterator[None]:
     try:
         yield
     finally:
-        _HOLDING.reset(token)
+        # A flow closed from outside its task (its event loop gone) runs this in
+        # another context, where the token does not belong: nothing to undo there.
+        with contextlib.suppress(ValueError):
+            _HOLDING.reset(token)
 
 
 def refuse_reentry(core: CacheCore, bkeys: Iterable[str]) -> None:
@@ -95,16 +98,16 @@ def refuse_reentry(core: CacheCore, bkeys: Iterable[str]) -> None:
 
 
 class Outcome:
-    """What became of a miss: ``cached`` is true when the value returned is the one the
-    cache holds (this caller's fill landed, or a waiter read the holder's), false when
-    it was loaded but not stored (rejected by a write or invalidation, not storable, or
-    loaded without the cache). Callers in the same process that share one miss path
-    may take its value only in the first case (see ``AsyncCache.load_or_serve``)."""
+    """What became of a miss: ``rejected`` is true when its fill was refused because the
+    key was written or invalidated (a tag of it) while it loaded, so the value may be
+    older than what a caller that started later must see. Callers in the same process
+    that share one miss path take its value unless it was (see
+    ``AsyncCache.load_or_serve``)."""
 
-    __slots__ = ("cached",)
+    __slots__ = ("rejected",)
 
     def __init__(self) -> None:
-        self.cached = False
+        self.rejected = False
 
 
 class _GiveUp(enum.Enum):
@@ -162,13 +165,11 @@ def _load_under_lease(  # noqa: PLR0917 - as load_and_fill
         if deadline is None:
             core.counters.lease_waits += 1
             slack = core.capabilities.ttl_slack
-            deadline = time.monotonic() + lease_ttl + _GRACE + slack
+            deadline = time.monotonic() + lease_ttl + GRACE + slack
         value = yield from _wait_for_holder(core, bkey, deadline)
         if value is _GiveUp.GIVE_UP:
             return (yield from fills.load_uncached(core, loader))
         if value is not MISSING:
-            if outcome is not None:
-                outcome.cached = True  # the holder's value, read from the cache
             return value
         # MISSING: the lease was released, expired or invalidated; compete again, after
         # a short pause and within the deadline: an entry that can be neither used nor
@@ -227,10 +228,25 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
     try:
         with _holding(core, (bkey,)):
             loaded = yield from fills.timed_load(core, loader, tags_of)
+    except GeneratorExit:  # being closed: no more round trips; the next miss reclaims it
+        _remember(core, {bkey: marker})
+        raise
     except BaseException:
         # Raised or cancelled: let a waiter take over now, not at lease expiry.
         yield from _release(core, bkey, marker)
         raise
+    return (yield from _fill(core, bkey, marker, loaded, policy, outcome))
+
+
+def _fill(  # noqa: PLR0917 - internal; the holder's state
+    core: CacheCore,
+    bkey: str,
+    marker: Any,
+    loaded: Loaded,
+    policy: FillPolicy,
+    outcome: Outcome | None,
+) -> Flow[Any]:
+    """Store the holder's value over its lease marker; return the value either way."""
     value = loaded.value
     try:
         packed = fills.pack_fill(core, bkey, loaded, policy)
@@ -242,7 +258,9 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
     except BaseException:
         yield from _release(core, bkey, marker)  # never leave waiters to sit out the lease
         raise
-    if packed is None:  # nothing to store (a None with negative caching off)
+    if packed is None:  # nothing to store: a tag invalidated, or a None not cached
+        if outcome is not None:
+            outcome.rejected = loaded.rejected
         yield from _release(core, bkey, marker)
         return value
     try:
@@ -255,8 +273,8 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
         raise
     if not stored:
         core.counters.fills_rejected += 1
-    elif outcome is not None:
-        outcome.cached = True
+        if outcome is not None:
+            outcome.rejected = True
     return value
 
 
@@ -296,6 +314,9 @@ def load_many_under_lease(
                 bkey: (markers[bkey], _one(batch, results[bkey], tags_of, id_))
                 for bkey, id_ in mine.items()
             }
+        except GeneratorExit:  # being closed: no more round trips
+            _remember(core, {bkey: markers[bkey] for bkey in mine})
+            raise
         except BaseException:
             for bkey in mine:
                 yield from _release(core, bkey, markers[bkey])
@@ -376,6 +397,9 @@ def _release(core: CacheCore, bkey: str, marker: Any) -> Flow[None]:
         yield Call("compare_and_delete", (bkey, marker))
     except CacheError as exc:
         _lost(core, {bkey: marker}, exc)
+    except BaseException:
+        _remember(core, {bkey: marker})  # interrupted again: the next miss reclaims it
+        raise
 
 
 def _lost(core: CacheCore, markers: Mapping[str, Any], exc: CacheError) -> None:

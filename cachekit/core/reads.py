@@ -8,7 +8,7 @@ The hit path itself is the facades' prebuilt closure: one backend call, then
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from cachekit.backends.base import MISSING
 from cachekit.core import journal as journal_flows
@@ -17,11 +17,13 @@ from cachekit.core.ops import Call, Flow
 from cachekit.core.state import BAD
 from cachekit.entries import Entry
 from cachekit.exceptions import CacheError
+from cachekit.markers import Marker
 
 if TYPE_CHECKING:
     from cachekit.core.state import CacheCore
 
 __all__ = [
+    "NOT_PLAIN",
     "FollowUp",
     "drop_bad",
     "drop_invalidated",
@@ -31,6 +33,11 @@ __all__ = [
     "lookup_many",
     "read_without_loader",
 ]
+
+
+#: What an object backend's ``get`` may return that is not a plain value: a miss, a
+#: lease marker, or an annotated entry.
+NOT_PLAIN: Final = frozenset({type(MISSING), Marker, Entry})
 
 
 class FollowUp:
