@@ -60,6 +60,13 @@ def _async_store(backend: AsyncBackend | Backend) -> AsyncBackend:
     raise ConfigurationError(f"{backend!r} does not implement the cachekit AsyncBackend contract")
 
 
+def _hand_over(future: asyncio.Future[Any], value: Any) -> None:
+    """Give a shared miss path's followers its result, unless its event loop is gone
+    (the miss path is being closed with it: nobody follows it any more)."""
+    if not future.get_loop().is_closed():
+        future.set_result(value)
+
+
 class AsyncCache(CacheCore):
     """One namespace of cached values over one backend, for asyncio code.
 
@@ -337,23 +344,25 @@ class AsyncCache(CacheCore):
         if found is not MISSING:
             return await self.run(freshness.serve(self, bkey, found, loader, policy, tags_of))
         leases.refuse_reentry(self, (bkey,))  # joining our own miss path would deadlock
-        if (shared := self._shared.get(bkey)) is not None:
+        loop = asyncio.get_running_loop()
+        if (shared := self._shared.get(bkey)) is not None and shared.get_loop() is loop:
             value = await self._follow(bkey, shared, loader, policy)
             if value is not _RETRY:
                 return value
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # (A miss path left on an event loop that ended never completes: replaced here.)
+        future: asyncio.Future[Any] = loop.create_future()
         self._shared[bkey] = future
         outcome = leases.Outcome()
         try:
             flow = leases.load_and_fill(self, bkey, loader, policy, tags_of, outcome)
             value = await self.run(flow)
         except BaseException:
-            future.set_result(_RETRY)
+            _hand_over(future, _RETRY)
             raise
         else:
             # A fill that a write or an invalidation rejected may be older than what the
             # followers must see: they take the miss path again, as lease waiters would.
-            future.set_result(_RETRY if outcome.rejected else value)
+            _hand_over(future, _RETRY if outcome.rejected else value)
         finally:
             if self._shared.get(bkey) is future:
                 del self._shared[bkey]
@@ -378,7 +387,7 @@ class AsyncCache(CacheCore):
             if value is not _RETRY:
                 return value
             again = self._shared.get(bkey)
-            if again is None or again is shared:
+            if again is None or again is shared or again.get_loop() is not shared.get_loop():
                 return _RETRY  # no one leads now: this caller does
             shared = again
 
