@@ -1,4 +1,4 @@
-"""The overhead benchmark runs to the end and prints every section (timings are not checked)."""
+"""The overhead benchmarks run to the end and print every section (timings are not checked)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,21 @@ def test_overhead_quick_run(tmp_path: Path) -> None:
         assert header in run.stdout
     written = json.loads(results.read_text(encoding="utf-8"))
     assert len(written["sections"]) == len(SECTIONS)
+
+
+ASYNC_BENCHMARK = BENCHMARK.with_name("async_overhead.py")
+
+
+def test_async_overhead_quick_run() -> None:
+    run = subprocess.run(
+        [sys.executable, str(ASYNC_BENCHMARK), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, f"--- stdout\n{run.stdout}--- stderr\n{run.stderr}"
+    for header in ("in-process hit", "Redis hit", "loop lag: 100 tasks"):
+        assert header in run.stdout
+    for peer in ("aiocache @cached (memory)", "cashews @cache (mem://)"):
+        assert peer in run.stdout  # the dev group installs them
