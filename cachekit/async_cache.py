@@ -9,13 +9,13 @@ one miss path: one lease attempt, one poll loop, one loader call.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Final, ParamSpec, TypeVar, Unpack, cast, overload
+from typing import Any, ParamSpec, TypeVar, Unpack, cast, overload
 
 from cachekit.async_decorators import AsyncCachedFunction, acached
+from cachekit.async_replayer import Replayer
 from cachekit.async_views import AsyncReadThroughView, AsyncWriteThroughView
 from cachekit.backends.base import MISSING, AsyncBackend, Backend
 from cachekit.backends.proxy import InProcessAsync
@@ -30,6 +30,7 @@ from cachekit.entries import Entry
 from cachekit.exceptions import CacheError, ConfigurationError
 from cachekit.policy import FillPolicy, PolicyOptions
 from cachekit.serializers import Serializer
+from cachekit.single_flight import SharedMisses
 from cachekit.ttl import TTL, USE_DEFAULT, UseDefault
 
 __all__ = ["AsyncCache"]
@@ -39,11 +40,6 @@ R = TypeVar("R")
 K = TypeVar("K")
 V = TypeVar("V")
 T = TypeVar("T")
-
-# What a shared miss path hands its followers when it ended without a value the cache
-# holds (its loader raised, it was cancelled, or its fill was not stored): each
-# follower then takes the miss path itself.
-_RETRY: Final = object()
 
 
 def _async_store(backend: AsyncBackend | Backend) -> AsyncBackend:
@@ -58,13 +54,6 @@ def _async_store(backend: AsyncBackend | Backend) -> AsyncBackend:
             "(AsyncRedisBackend, AsyncMemcachedBackend) or an in-process MemoryBackend"
         )
     raise ConfigurationError(f"{backend!r} does not implement the cachekit AsyncBackend contract")
-
-
-def _hand_over(future: asyncio.Future[Any], value: Any) -> None:
-    """Give a shared miss path's followers its result, unless its event loop is gone
-    (the miss path is being closed with it: nobody follows it any more)."""
-    if not future.get_loop().is_closed():
-        future.set_result(value)
 
 
 class AsyncCache(CacheCore):
@@ -121,10 +110,8 @@ class AsyncCache(CacheCore):
         self.inline_get: Callable[[str], Any] | None = (
             cast(InProcessAsync, inner).inner.get if inline else None
         )
-        self._shared: dict[str, asyncio.Future[Any]] = {}
-        self._replayer: asyncio.Task[None] | None = None
-        self.journal.wake = self._start_replayer
-        self.journal.alive = self._replayer_alive
+        self._misses = SharedMisses(self.counters)
+        self._replayer = Replayer(self.journal, lambda: self.run(journal_flows.background(self)))
         self.lookup = self._make_lookup()
 
     def __repr__(self) -> str:
@@ -139,13 +126,7 @@ class AsyncCache(CacheCore):
     async def aclose(self) -> None:
         """Replay pending invalidations (a WARNING at exit names any left) and stop the
         background replay task. The backend stays open: it is the caller's."""
-        task, self._replayer = self._replayer, None
-        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
-            # Stopped first: a replay it is in the middle of must end (and let go of the
-            # journal) before the last one, or that one would find the journal busy.
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._replayer.stop()  # first: a replay in flight must let go of the journal
         await self.replay_invalidations()
 
     # -- the driver -------------------------------------------------------------------------
@@ -193,7 +174,7 @@ class AsyncCache(CacheCore):
         first_look, follow_up, slow = reads.first_look, reads.follow_up, reads.lookup
         objects, counters, not_plain = self.objects, self.counters, reads.NOT_PLAIN
 
-        reap = self._reap_replayer
+        reap = self._replayer.reap
 
         async def lookup(bkey: str) -> Any:
             if journal:
@@ -214,46 +195,10 @@ class AsyncCache(CacheCore):
 
         return lookup
 
-    def _start_replayer(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # recorded outside the loop: the next record starts it
-            self.journal.stopped()
-            return
-        self._reap_replayer()
-        self._replayer = loop.create_task(
-            self._replay_in_background(self.journal.generation), name="cachekit-journal"
-        )
-
-    def _reap_replayer(self) -> None:
-        """If the replay task's event loop is closed (ended without cancelling it, as
-        ``loop.run_until_complete`` per request does), close the task's coroutine here,
-        so that a replay it was in the middle of lets go of the journal."""
-        task = self._replayer
-        if task is not None and not task.done() and task.get_loop().is_closed():
-            self._replayer = None
-            task.get_coro().close()
-
-    def _replayer_alive(self) -> bool:
-        task = self._replayer
-        if task is None or task.done():
-            return task is None  # None: starting, not yet recorded
-        try:
-            return task.get_loop() is asyncio.get_running_loop()
-        except RuntimeError:  # no loop running here: it may be alive in its own
-            return True
-
-    async def _replay_in_background(self, generation: int) -> None:
-        try:
-            await self.run(journal_flows.background(self))
-        except BaseException:
-            self.journal.stopped(generation)
-            raise
-
     async def replay_invalidations(self) -> bool:
         """Replay journaled invalidations now, past the retry interval and the breaker;
         return whether none is left (see :mod:`cachekit.core.journal`)."""
-        self._reap_replayer()
+        self._replayer.reap()
         return await self.run(journal_flows.settle(self, direct=True, force=True))
 
     # -- reads ----------------------------------------------------------------------------
@@ -284,31 +229,31 @@ class AsyncCache(CacheCore):
     ) -> None:
         """Store ``value`` under ``key``; fails open into the journal (see :meth:`Cache.set`)."""
         await self.run(writes.set_one(self, key, value, ttl, tags))
-        self._forget([self.backend_key(key)])
+        self._misses.forget([self.backend_key(key)])
 
     async def set_many(
         self, mapping: Mapping[str, Any], ttl: TTL | UseDefault = USE_DEFAULT
     ) -> None:
         """Store every item, in one backend round trip per distinct TTL."""
         await self.run(writes.set_many(self, mapping, ttl))
-        self._forget([self.backend_key(key) for key in mapping])
+        self._misses.forget([self.backend_key(key) for key in mapping])
 
     async def delete(self, key: str) -> None:
         """Remove ``key``; a failure is journaled and replayed (see :meth:`Cache.delete`)."""
         bkeys = [self.backend_key(key)]
         await self.run(writes.delete_many(self, bkeys))
-        self._forget(bkeys)
+        self._misses.forget(bkeys)
 
     async def delete_many(self, keys: Iterable[str]) -> None:
         """Remove every key, in one backend round trip; failures are journaled."""
         bkeys = [self.backend_key(key) for key in keys]
         await self.run(writes.delete_many(self, bkeys))
-        self._forget(bkeys)
+        self._misses.forget(bkeys)
 
     async def invalidate_tags(self, tags: Iterable[str]) -> None:
         """Remove every entry tagged with any of ``tags``, in two round trips."""
         await self.run(writes.invalidate_tags(self, tags))
-        self._forget(None)
+        self._misses.forget(None)
 
     # -- cache-aside ----------------------------------------------------------------------
 
@@ -339,66 +284,21 @@ class AsyncCache(CacheCore):
         tags_of: TagsOf,
     ) -> Any:
         """After :attr:`lookup` returned ``found`` (MISSING or an annotated entry): the
-        miss path, shared by every task of this cache that misses on ``bkey`` meanwhile,
-        or the entry served and maybe refreshed."""
+        miss path, shared by every task of this cache that misses on ``bkey`` meanwhile
+        (:mod:`cachekit.single_flight`), or the entry served and maybe refreshed."""
         if found is not MISSING:
             return await self.run(freshness.serve(self, bkey, found, loader, policy, tags_of))
         leases.refuse_reentry(self, (bkey,))  # joining our own miss path would deadlock
-        loop = asyncio.get_running_loop()
-        if (shared := self._shared.get(bkey)) is not None and shared.get_loop() is loop:
-            value = await self._follow(bkey, shared, loader, policy)
-            if value is not _RETRY:
-                return value
-        # (A miss path left on an event loop that ended never completes: replaced here.)
-        future: asyncio.Future[Any] = loop.create_future()
-        self._shared[bkey] = future
-        outcome = leases.Outcome()
-        try:
-            flow = leases.load_and_fill(self, bkey, loader, policy, tags_of, outcome)
-            value = await self.run(flow)
-        except BaseException:
-            _hand_over(future, _RETRY)
-            raise
-        else:
-            # A fill that a write or an invalidation rejected may be older than what the
-            # followers must see: they take the miss path again, as lease waiters would.
-            _hand_over(future, _RETRY if outcome.rejected else value)
-        finally:
-            if self._shared.get(bkey) is future:
-                del self._shared[bkey]
-        return value
-
-    async def _follow(
-        self, bkey: str, shared: asyncio.Future[Any], loader: Callable[[], Any], policy: FillPolicy
-    ) -> Any:
-        """Wait for the miss path another task of this cache runs on ``bkey``: its value,
-        or :data:`_RETRY`. As a lease waiter, give up past the lease's lifetime and load
-        without the cache (a hung loader must not hang every caller of its key)."""
-        self.counters.lease_waits += 1
         lease_ttl = policy.lease_ttl or self.lease_ttl or leases.GRACE
-        deadline = time.monotonic() + lease_ttl + leases.GRACE + self.capabilities.ttl_slack
-        while True:
-            try:
-                # shield: a follower's cancellation must not cancel the shared result.
-                timeout = max(0.0, deadline - time.monotonic())
-                value = await asyncio.wait_for(asyncio.shield(shared), timeout)
-            except TimeoutError:
-                return await self.run(fills.load_uncached(self, loader))
-            if value is not _RETRY:
-                return value
-            again = self._shared.get(bkey)
-            if again is None or again is shared or again.get_loop() is not shared.get_loop():
-                return _RETRY  # no one leads now: this caller does
-            shared = again
+        patience = lease_ttl + leases.GRACE + self.capabilities.ttl_slack  # as a waiter's
 
-    def _forget(self, bkeys: Iterable[str] | None) -> None:
-        """After a write: a miss that starts now must not join a miss path that began
-        before it (``None``: every key, after a tag invalidation)."""
-        if bkeys is None:
-            self._shared.clear()
-        else:
-            for bkey in bkeys:
-                self._shared.pop(bkey, None)
+        def lead(outcome: leases.Outcome) -> Awaitable[Any]:
+            return self.run(leases.load_and_fill(self, bkey, loader, policy, tags_of, outcome))
+
+        def alone() -> Awaitable[Any]:
+            return self.run(fills.load_uncached(self, loader))
+
+        return await self._misses.share(bkey, lead, patience, alone)
 
     # -- strategies -------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Read-through and write-through views for ``AsyncCache``: async loaders and savers.
 
 The twins of :mod:`cachekit.views`, sharing its keys (:class:`ViewKeys`) and the core's
-batch miss path (:func:`cachekit.core.leases.load_many_under_lease`).
+batch miss path (:func:`cachekit.core.batches.load_many_under_lease`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cachekit.backends.base import MISSING
-from cachekit.core import leases, reads
+from cachekit.core import batches, reads
 from cachekit.entries import Entry
 from cachekit.policy import FillPolicy
 from cachekit.views import ViewKeys
@@ -66,7 +66,7 @@ class AsyncReadThroughView(ViewKeys[K, V]):
     async def _load_missing(self, missing: dict[str, K]) -> dict[str, Any]:
         cache, policy = self.cache, self.policy
         if policy.lease_ttl is not None:
-            flow = leases.load_many_under_lease(
+            flow = batches.load_many_under_lease(
                 cache, missing, self._batch_loader, self._load, policy=policy, tags_of=self._tags
             )
             return await cache.run(flow)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from cachekit.backends.base import MISSING
-from cachekit.core import leases, reads
+from cachekit.core import batches, reads
 from cachekit.entries import Entry
 from cachekit.keycodec import render
 from cachekit.policy import FillPolicy
@@ -107,7 +107,7 @@ class ReadThroughView(ViewKeys[K, V]):
         cache, policy = self.cache, self.policy
         if policy.lease_ttl is not None:
             return cache.run(
-                leases.load_many_under_lease(
+                batches.load_many_under_lease(
                     cache,
                     missing,
                     self._batch_loader,

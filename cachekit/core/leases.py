@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
-import functools
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -50,7 +49,17 @@ from cachekit.policy import FillPolicy
 if TYPE_CHECKING:
     from cachekit.core.state import CacheCore, TagsOf
 
-__all__ = ["GRACE", "Outcome", "load_and_fill", "load_many_under_lease", "refuse_reentry"]
+__all__ = [
+    "GRACE",
+    "Outcome",
+    "holding",
+    "load_and_fill",
+    "lost",
+    "reclaim",
+    "refuse_reentry",
+    "release",
+    "remember",
+]
 
 K = TypeVar("K")
 
@@ -70,7 +79,7 @@ _HOLDING: contextvars.ContextVar[frozenset[tuple[int, str]]] = contextvars.Conte
 
 
 @contextlib.contextmanager
-def _holding(core: CacheCore, bkeys: Iterable[str]) -> Iterator[None]:
+def holding(core: CacheCore, bkeys: Iterable[str]) -> Iterator[None]:
     token = _HOLDING.set(_HOLDING.get() | {(core.identity, bkey) for bkey in bkeys})
     try:
         yield
@@ -150,14 +159,14 @@ def _load_under_lease(  # noqa: PLR0917 - as load_and_fill
     assert lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
     refuse_reentry(core, (bkey,))
     deadline = None
-    if core.lost_leases and not (yield from _reclaim(core, bkey)):
+    if core.lost_leases and not (yield from reclaim(core, bkey)):
         return (yield from fills.load_uncached(core, loader))
     while True:
         marker = new_lease(core.objects)
         try:
             acquired = yield Call("add", (bkey, marker, lease_ttl))
         except CacheError as exc:
-            _lost(core, {bkey: marker} if isinstance(exc, BackendTimeout) else {}, exc)
+            lost(core, {bkey: marker} if isinstance(exc, BackendTimeout) else {}, exc)
             return (yield from fills.load_uncached(core, loader))
         if acquired:
             holder = _load_as_holder(core, bkey, marker, loader, policy, tags_of, outcome)
@@ -226,14 +235,14 @@ def _load_as_holder(  # noqa: PLR0917 - internal; mirrors load_under_lease
     outcome: Outcome | None,
 ) -> Flow[Any]:
     try:
-        with _holding(core, (bkey,)):
+        with holding(core, (bkey,)):
             loaded = yield from fills.timed_load(core, loader, tags_of)
     except GeneratorExit:  # being closed: no more round trips; the next miss reclaims it
-        _remember(core, {bkey: marker})
+        remember(core, {bkey: marker})
         raise
     except BaseException:
         # Raised or cancelled: let a waiter take over now, not at lease expiry.
-        yield from _release(core, bkey, marker)
+        yield from release(core, bkey, marker)
         raise
     return (yield from _fill(core, bkey, marker, loaded, policy, outcome))
 
@@ -252,24 +261,24 @@ def _fill(  # noqa: PLR0917 - internal; the holder's state
         packed = fills.pack_fill(core, bkey, loaded, policy)
     except UNSTORABLE as exc:
         # The call must still work; the error is the caller's to see in stats and logs.
-        yield from _release(core, bkey, marker)
+        yield from release(core, bkey, marker)
         core.write_failed(exc)
         return value
     except BaseException:
-        yield from _release(core, bkey, marker)  # never leave waiters to sit out the lease
+        yield from release(core, bkey, marker)  # never leave waiters to sit out the lease
         raise
     if packed is None:  # nothing to store: a tag invalidated, or a None not cached
         if outcome is not None:
             outcome.rejected = loaded.rejected
-        yield from _release(core, bkey, marker)
+        yield from release(core, bkey, marker)
         return value
     try:
         stored = yield Call("compare_and_set", (bkey, marker, *packed))
     except CacheError as exc:
-        _lost(core, {bkey: marker}, exc)
+        lost(core, {bkey: marker}, exc)
         return value
     except BaseException:
-        _remember(core, {bkey: marker})  # interrupted mid-fill: the next miss reclaims it
+        remember(core, {bkey: marker})  # interrupted mid-fill: the next miss reclaims it
         raise
     if not stored:
         core.counters.fills_rejected += 1
@@ -278,145 +287,31 @@ def _fill(  # noqa: PLR0917 - internal; the holder's state
     return value
 
 
-def load_many_under_lease(
-    core: CacheCore,
-    wanted: Mapping[str, K],
-    load_many: Callable[[list[K]], Any],
-    load_one: Callable[[K], Any],
-    *,
-    policy: FillPolicy,
-    tags_of: Callable[[K, Any], Iterable[str]] | None = None,
-) -> Flow[dict[str, Any]]:
-    """The batch miss path: one ``add_many`` for the leases, one ``load_many`` for the
-    keys leased, one ``compare_and_set_many`` per TTL to fill them. Keys leased by
-    someone else are waited for one by one. Returns ``{bkey: value or None}``."""
-    assert policy.lease_ttl is not None  # noqa: S101 - the caller checked; narrows the type
-    refuse_reentry(core, wanted)
-    for bkey in [bkey for bkey in wanted if bkey in core.lost_leases]:
-        yield from _reclaim(core, bkey)  # if it fails, so will its add: loaded on its own
-    markers = {bkey: new_lease(core.objects) for bkey in wanted}
-    try:
-        leased = yield Call("add_many", (markers, policy.lease_ttl))
-    except CacheError as exc:
-        _lost(core, markers if isinstance(exc, BackendTimeout) else {}, exc)
-        leased = set()
-    mine = {bkey: wanted[bkey] for bkey in wanted if bkey in leased}
-    results: dict[str, Any] = {}
-    if mine:
-        batch_tags = None if tags_of is None else functools.partial(_batch_tags, tags_of, mine)
-        try:
-            with _holding(core, mine):
-                batch = yield from fills.timed_load(
-                    core, functools.partial(load_many, list(mine.values())), batch_tags
-                )
-            results = {bkey: batch.value.get(id_) for bkey, id_ in mine.items()}
-            leased_fills = {
-                bkey: (markers[bkey], _one(batch, results[bkey], tags_of, id_))
-                for bkey, id_ in mine.items()
-            }
-        except GeneratorExit:  # being closed: no more round trips
-            _remember(core, {bkey: markers[bkey] for bkey in mine})
-            raise
-        except BaseException:
-            for bkey in mine:
-                yield from _release(core, bkey, markers[bkey])
-            raise
-        yield from _fill_many(core, leased_fills, policy)
-    for bkey, id_ in wanted.items():
-        if bkey not in leased:
-            one_tags = None if tags_of is None else functools.partial(tags_of, id_)
-            load = functools.partial(load_one, id_)
-            results[bkey] = yield from load_and_fill(core, bkey, load, policy, one_tags)
-    return results
-
-
-def _batch_tags(
-    tags_of: Callable[[K, Any], Iterable[str]], ids: Mapping[str, K], loaded: Mapping[K, Any]
-) -> list[str]:
-    """Every tag of a batch, so that one read fetches all their tokens."""
-    return [tag for id_ in ids.values() for tag in tags_of(id_, loaded.get(id_))]
-
-
-def _one(
-    batch: Loaded, value: Any, tags_of: Callable[[K, Any], Iterable[str]] | None, id_: K
-) -> Loaded:
-    """One entry of a batch load, with the tokens of its own tags."""
-    if tags_of is None or batch.tags is None:
-        return Loaded(value, batch.delta, None, batch.rejected)
-    tokens = {tag: batch.tags[tag] for tag in tags_of(id_, value)}
-    return Loaded(value, batch.delta, tokens)
-
-
-def _fill_many(
-    core: CacheCore, leased: Mapping[str, tuple[Any, Loaded]], policy: FillPolicy
-) -> Flow[None]:
-    """Store leased values ``{bkey: (marker, loaded)}``, one batch per physical TTL."""
-    try:
-        groups, unstored = _pack_many(core, leased, policy)
-    except BaseException:
-        for bkey, (marker, _) in leased.items():
-            yield from _release(core, bkey, marker)
-        raise
-    for bkey in unstored:
-        yield from _release(core, bkey, leased[bkey][0])
-    for seconds, items in groups.items():
-        try:
-            stored = yield Call("compare_and_set_many", (items, seconds))
-        except CacheError as exc:
-            _lost(core, {bkey: marker for bkey, (marker, _) in items.items()}, exc)
-            continue
-        except BaseException:
-            _remember(core, {bkey: marker for bkey, (marker, _) in items.items()})
-            raise
-        core.counters.fills_rejected += len(items) - len(stored)
-
-
-def _pack_many(
-    core: CacheCore, leased: Mapping[str, tuple[Any, Loaded]], policy: FillPolicy
-) -> tuple[dict[float | None, dict[str, tuple[Any, Any]]], list[str]]:
-    """Encode leased values, grouped by physical TTL; and the keys of those that must
-    not be stored (their leases are to be released)."""
-    groups: dict[float | None, dict[str, tuple[Any, Any]]] = {}
-    unstored = []
-    for bkey, (marker, loaded) in leased.items():
-        try:
-            packed = fills.pack_fill(core, bkey, loaded, policy)
-        except UNSTORABLE as exc:
-            core.write_failed(exc)
-            packed = None
-        if packed is None:
-            unstored.append(bkey)
-        else:
-            data, seconds = packed
-            groups.setdefault(seconds, {})[bkey] = (marker, data)
-    return groups, unstored
-
-
-def _release(core: CacheCore, bkey: str, marker: Any) -> Flow[None]:
+def release(core: CacheCore, bkey: str, marker: Any) -> Flow[None]:
     try:
         yield Call("compare_and_delete", (bkey, marker))
     except CacheError as exc:
-        _lost(core, {bkey: marker}, exc)
+        lost(core, {bkey: marker}, exc)
     except BaseException:
-        _remember(core, {bkey: marker})  # interrupted again: the next miss reclaims it
+        remember(core, {bkey: marker})  # interrupted again: the next miss reclaims it
         raise
 
 
-def _lost(core: CacheCore, markers: Mapping[str, Any], exc: CacheError) -> None:
+def lost(core: CacheCore, markers: Mapping[str, Any], exc: CacheError) -> None:
     """Lease writes failed in flight, so their markers may sit on the server held by
     nobody: an ``add`` that timed out yet landed once the server woke up, a lease whose
     fill or release never arrived. Waiters would sit such a marker out for
     ``lease_ttl``; remembered here, it is deleted by the next miss on its key."""
     core.write_failed(exc)
-    _remember(core, markers)
+    remember(core, markers)
 
 
-def _remember(core: CacheCore, markers: Mapping[str, Any]) -> None:
+def remember(core: CacheCore, markers: Mapping[str, Any]) -> None:
     if len(core.lost_leases) + len(markers) <= _LOST_LIMIT:
         core.lost_leases.update(markers)
 
 
-def _reclaim(core: CacheCore, bkey: str) -> Flow[bool]:
+def reclaim(core: CacheCore, bkey: str) -> Flow[bool]:
     """Delete this cache's lost lease on ``bkey``, if any (only that marker: never a
     value or another caller's lease). False if the server failed: don't wait on it."""
     marker = core.lost_leases.pop(bkey, MISSING)
