@@ -79,13 +79,11 @@ def bench_json(capsys: pytest.CaptureFixture[str], tmp_path: Path, *args: str) -
     return dict(json.loads(path.read_text(encoding="utf-8")))
 
 
-def check_against_lru(document: dict[str, Any], *, tolerance: float) -> None:
-    """Each result's hit ratio is the LRU simulation's, and its query counts follow."""
-    from cachekit.bench.optimal import lru_hit_ratio
+def trace_of(config: dict[str, Any]) -> Any:
+    """The trace a bench run replayed, rebuilt from its JSON config."""
     from cachekit.bench.workload import make_trace
 
-    config = document["config"]
-    trace = make_trace(
+    return make_trace(
         rows=config["rows"],
         requests=config["requests"],
         zipf=config["zipf"],
@@ -93,6 +91,13 @@ def check_against_lru(document: dict[str, Any], *, tolerance: float) -> None:
         seed=config["seed"],
         scans=config["scans"],
     )
+
+
+def check_against_lru(document: dict[str, Any], *, tolerance: float) -> None:
+    """Each result's hit ratio is the LRU simulation's, and its query counts follow."""
+    from cachekit.bench.optimal import lru_hit_ratio
+
+    trace = trace_of(document["config"])
     writes, reads = sum(trace.writes), trace.reads
     for result in document["results"]:
         assert result["eviction"] in {"lru", None}, "the simulation is of LRU"
@@ -284,23 +289,13 @@ def test_bench_with_threads_keeps_its_accounting(
     is not the sequential simulation's (one worker checks that exactly); what holds under
     every interleaving is checked here: each read is a hit or a miss of two queries, every
     distinct row misses at least once, nothing is stale, and the cache stays bounded."""
-    from cachekit.bench.workload import make_trace
-
     document = bench_json(
         capsys,
         tmp_path,
         *("--rows", str(ROWS), "--requests", str(REQUESTS), "--workers", "3"),
         *("--cache-size", "10%", "--write-ratio", "0"),
     )
-    config = document["config"]
-    trace = make_trace(
-        rows=config["rows"],
-        requests=config["requests"],
-        zipf=config["zipf"],
-        write_ratio=config["write_ratio"],
-        seed=config["seed"],
-        scans=config["scans"],
-    )
+    trace = trace_of(document["config"])
     distinct = len(set(trace.ids))
     assert document["results"]
     for result in document["results"]:
