@@ -7,14 +7,11 @@ file and the in-process backend.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib.metadata
 import os
-import shutil
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,9 +34,10 @@ from cachekit.bench.config import (
     parse_seed,
     parse_strategies,
 )
-from cachekit.bench.database import Database, scratch_file
+from cachekit.bench.database import Database
 from cachekit.bench.optimal import WriteMode, belady_hit_ratio
-from cachekit.bench.plot import require_matplotlib, write_plot
+from cachekit.bench.outputs import check_outputs
+from cachekit.bench.plot import write_plot
 from cachekit.bench.progress import phases
 from cachekit.bench.report import (
     Result,
@@ -50,6 +48,7 @@ from cachekit.bench.report import (
     write_json,
 )
 from cachekit.bench.runner import Replay, key_of, operations, replay, uncached_operations, verify
+from cachekit.bench.tables import run_tables
 from cachekit.bench.workload import Trace, make_trace
 from cachekit.exceptions import CacheError
 
@@ -82,8 +81,17 @@ def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def _version() -> str:
+    """The installed distribution's version, or ``unknown`` when run from a bare checkout."""
+    try:
+        return importlib.metadata.version("cachekit-layer")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _parser() -> _Parser:
     parser = _Parser(prog="cachekit", description="cachekit's command line.")
+    parser.add_argument("--version", action="version", version=f"cachekit {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     bench = commands.add_parser(
         "bench",
@@ -183,7 +191,13 @@ def _add_run_options(bench: argparse.ArgumentParser) -> None:
         help="seed of the trace and the data (default 1)",
     )
     add("--json", type=Path, metavar="FILE", help="write the results as JSON")
-    add("--plot", type=Path, metavar="FILE", help="write a PNG (needs matplotlib: the bench extra)")
+    add(
+        "--plot",
+        type=Path,
+        metavar="FILE",
+        help="write a plot: PNG, or another format matplotlib writes, by the extension"
+        " (needs matplotlib: the bench extra)",
+    )
     add("--keep", action="store_true", help="keep the bench's tables (and a temporary SQLite file)")
 
 
@@ -232,19 +246,22 @@ def bench(config: BenchConfig, *, json_path: Path | None, plot_path: Path | None
     """
     began = time.perf_counter()
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    # Every check that can fail comes before the work: the outputs, the cache server,
+    # then the database (its driver, its connection), which the run then goes on using.
     config.check()
-    _check_outputs(json_path, plot_path)
+    check_outputs(json_path, plot_path)
     if config.backend.kind != "memory":
         caches.check_reachable(config.backend)
-    trace = make_trace(
-        rows=config.rows,
-        requests=config.requests,
-        zipf=config.zipf,
-        write_ratio=config.write_ratio,
-        seed=config.seed,
-        scans=config.scans,
-    )
-    tables, uncached, results = _measure(config, trace, out)
+    with run_tables(config, out) as db:
+        trace = make_trace(
+            rows=config.rows,
+            requests=config.requests,
+            zipf=config.zipf,
+            write_ratio=config.write_ratio,
+            seed=config.seed,
+            scans=config.scans,
+        )
+        tables, uncached, results = _measure(config, db, trace)
     seconds = time.perf_counter() - began
     lines = notes(config, uncached, results, load_average=load_average)
     print_report(title(config), results, lines, out)
@@ -256,11 +273,12 @@ def bench(config: BenchConfig, *, json_path: Path | None, plot_path: Path | None
     return 1 if any(r.verdict.stale for r in results) else 0
 
 
-def _measure(config: BenchConfig, trace: Trace, out: Any) -> tuple[list[str], Replay, list[Result]]:
+def _measure(
+    config: BenchConfig, db: Database, trace: Trace
+) -> tuple[list[str], Replay, list[Result]]:
     """Fill the tables, replay uncached, then each strategy with each eviction policy at
-    each size; returns the tables' names, the uncached replay and the results. The tables
-    go afterwards."""
-    with _database(config, out) as db, phases() as start:
+    each size; returns the tables' names, the uncached replay and the results."""
+    with phases() as start:
         advance = start("creating and filling the tables", config.rows)
         db.create(config.rows, seed=config.seed, advance=advance)
         update = start("replaying the trace uncached", len(trace))
@@ -284,15 +302,6 @@ def _measure(config: BenchConfig, trace: Trace, out: Any) -> tuple[list[str], Re
             for size in config.run_sizes
         ]
     return [db.products, db.reviews], uncached, results
-
-
-def _check_outputs(json_path: Path | None, plot_path: Path | None) -> None:
-    """Fail before a long run, not after it, when its output cannot be written."""
-    for path in (json_path, plot_path):
-        if path is not None and not path.parent.is_dir():
-            raise BenchError(f"cannot write {path}: {path.parent} is not a directory")
-    if plot_path is not None:
-        require_matplotlib()
 
 
 def _run(
@@ -355,41 +364,3 @@ def _optima(config: BenchConfig, trace: Trace, start: Start) -> dict[tuple[str, 
 
 def _entries(config: BenchConfig, size: float) -> int:
     return max(1, round(size * config.rows))
-
-
-@contextlib.contextmanager
-def _database(config: BenchConfig, out: Any) -> Iterator[Database]:
-    """The bench's tables for the run, dropped after it unless ``--keep``; a temporary
-    SQLite file (or one the bench had to create) goes too."""
-    scratch = tempfile.mkdtemp(prefix="cachekit-bench-") if config.db is None else None
-    try:
-        url = scratch_file(scratch) if scratch else config.db
-        assert url is not None  # noqa: S101 - one of the two is set; narrows the type
-        created = url.kind == "sqlite" and not os.path.exists(url.path)
-        db = Database(url, prefix=f"cachekit_bench_{uuid.uuid4().hex[:8]}_")
-    except BaseException:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    try:
-        yield db
-    finally:
-        _clean_up(config, db, scratch, created, out)
-
-
-def _clean_up(
-    config: BenchConfig, db: Database, scratch: str | None, created: bool, out: Any
-) -> None:
-    if config.keep:
-        print(f"kept the tables {db.products} and {db.reviews} in {db.where}", file=out)
-        db.close()
-        return
-    try:
-        db.drop()
-    finally:
-        db.close()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-        elif created:
-            with contextlib.suppress(OSError):
-                os.remove(db.url.path)

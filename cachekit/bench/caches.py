@@ -16,7 +16,7 @@ from cachekit.backends.eviction import Eviction
 from cachekit.backends.memory import MemoryBackend
 from cachekit.bench.config import BackendUrl, BenchError
 from cachekit.cache import Cache
-from cachekit.exceptions import CacheError
+from cachekit.exceptions import BackendError
 
 __all__ = ["check_reachable", "forget", "open_cache"]
 
@@ -47,16 +47,22 @@ def check_reachable(url: BackendUrl) -> None:
     server would otherwise show up only as a hit ratio of zero.
 
     Raises:
-        BenchError: the server did not answer.
+        BenchError: the server did not answer, or the URL's options are not redis-py's.
         MissingDependencyError: its driver is not installed (the message names the extra).
     """
-    backend = _backend(url, 1)
     try:
-        backend.get("cachekit-bench:ping")
-    except CacheError as exc:
+        backend = _backend(url, 1)
+        try:
+            backend.get("cachekit-bench:ping")
+        finally:
+            backend.close()
+    except BackendError as exc:
         raise BenchError(f"cannot reach the {url.kind} cache at {url.label}: {exc}") from exc
-    finally:
-        backend.close()
+    except (ValueError, TypeError) as exc:
+        # redis-py reads the URL's query string only here: a bad value is a ValueError
+        # from from_url, an unknown option a TypeError from the first connection.
+        what = "Redis" if url.kind == "redis" else url.kind
+        raise BenchError(f"malformed {what} URL {url.label!r}: {exc}") from exc
 
 
 def open_cache(url: BackendUrl, *, entries: int, label: str, eviction: Eviction = "lru") -> Cache:

@@ -14,7 +14,7 @@ from cachekit.bench.config import BenchError
 from cachekit.bench.report import Result
 from cachekit.exceptions import missing_dependency
 
-__all__ = ["require_matplotlib", "write_plot"]
+__all__ = ["check_plot_path", "require_matplotlib", "write_plot"]
 
 
 def require_matplotlib() -> None:
@@ -27,6 +27,27 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401, PLC0415 - optional (the bench extra)
     except ImportError as exc:
         raise missing_dependency("matplotlib", "bench") from exc
+
+
+def check_plot_path(path: Path) -> None:
+    """Fail before the run, not after it, when matplotlib cannot write ``path``'s format.
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed (naming the ``bench`` extra).
+        BenchError: the extension names no format matplotlib writes.
+    """
+    require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase  # noqa: PLC0415 - optional
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix.lower().removeprefix(".")
+    if suffix not in formats:
+        # Without an extension, savefig would write PATH.png: not the file asked for.
+        why = f"matplotlib cannot write .{suffix} files" if suffix else "it has no extension"
+        raise BenchError(
+            f"cannot write the plot to {path}: {why}; supported formats: "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
 
 
 def write_plot(path: Path, title: str, results: Sequence[Result]) -> None:
