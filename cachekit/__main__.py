@@ -1,4 +1,4 @@
-"""``python -m cachekit bench``: the same command line as the ``cachekit`` script."""
+"""``python -m cachekit`` (bench, --version): the same command line as the ``cachekit`` script."""
 
 from cachekit.cli import main
 
