@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 
 from cachekit.backends.base import MISSING
-from cachekit.backends.redis import AsyncRedisBackend
+from cachekit.backends.redis import AsyncRedisBackend, RedisBackend
 from cachekit.exceptions import BackendError, BackendTimeout, ConfigurationError
 from tests.conftest import (
     RedisCommands,
@@ -396,3 +396,11 @@ async def test_a_sentinel_managed_client_works_and_is_named(
     await client.aclose()
     for watcher_client in sentinel.sentinels:
         await watcher_client.aclose()
+
+
+@pytest.mark.parametrize("backend_class", [RedisBackend, AsyncRedisBackend])
+@pytest.mark.parametrize("query", ["bogus=1", "socket_timeout=abc"])
+def test_from_url_refuses_a_malformed_option_at_once(backend_class: Any, query: str) -> None:
+    """Not at the first command, with a driver TypeError that no cache would catch."""
+    with pytest.raises(ConfigurationError, match="malformed Redis URL"):
+        backend_class.from_url(f"redis://127.0.0.1:6379/0?{query}")

@@ -15,6 +15,7 @@ from cachekit.backends.redis_common import (
     DRIVER_ERRORS,
     check_client,
     hits,
+    malformed_url,
     merge_retried,
     px_or_none,
     px_or_zero,
@@ -103,7 +104,9 @@ class RedisBackend:
             timeout: seconds allowed for connecting and for each command.
         """
         options = url_options(timeout)
-        client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+        with malformed_url(url):
+            client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+            client.connection_pool.connection_class(**client.connection_pool.connection_kwargs)
         backend = cls(client)
         backend._owns_client = True
         return backend

@@ -14,6 +14,7 @@ from cachekit.backends.redis_common import (
     DRIVER_ERRORS,
     check_client,
     hits,
+    malformed_url,
     merge_retried,
     px_or_none,
     px_or_zero,
@@ -104,9 +105,11 @@ class AsyncRedisBackend:
         # Calls past max_connections wait for a connection instead of failing at once:
         # a busy pool is not a failing server, and must not open the breaker or journal
         # invalidations. (redis-py's BlockingConnectionPool waits too, at ~25 us a call.)
-        pool = _WaitingPool.from_url(
-            url, max_connections=max_connections, retry=Retry(NoBackoff(), 0), **options
-        )
+        with malformed_url(url):
+            pool = _WaitingPool.from_url(
+                url, max_connections=max_connections, retry=Retry(NoBackoff(), 0), **options
+            )
+            pool.connection_class(**pool.connection_kwargs)
         client = Redis.from_pool(pool)
         backend = cls(client)
         backend._owns_client = True

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from cachekit.exceptions import (
@@ -28,6 +29,7 @@ __all__ = [
     "DRIVER_ERRORS",
     "check_client",
     "hits",
+    "malformed_url",
     "merge_retried",
     "px",
     "px_or_none",
@@ -170,3 +172,19 @@ def merge_retried(replies: list[Any], retried: Sequence[int], again: Sequence[An
         if isinstance(reply, Exception):
             raise reply
     return replies
+
+
+@contextlib.contextmanager
+def malformed_url(url: str) -> Iterator[None]:
+    """Around building a client from ``url`` (and one connection object from its
+    options, without connecting): an unknown or malformed option in its query string
+    fails at ``from_url``, as a ConfigurationError, not at the first command with a
+    driver ``TypeError``.
+
+    Raises:
+        ConfigurationError: the URL carries an option the driver refuses.
+    """
+    try:
+        yield
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"malformed Redis URL {url!r}: {exc}") from exc
