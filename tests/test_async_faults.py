@@ -282,7 +282,7 @@ class Load:
     errors: list[str] = field(default_factory=list)
     reads: int = 0
     writes: int = 0
-    # Reads older than a write that had completed when they started: printed only.
+    # Reads older than a write that had completed when they started (stale).
     late: int = 0
     floor: dict[int, int] = field(default_factory=lambda: dict.fromkeys(range(ROWS), 0))
 
@@ -365,6 +365,7 @@ async def test_no_errors_and_no_stale_rows_when_redis_fails_under_load(
     assert load.errors == []
     assert load.reads > 0 and load.writes > 0
     assert faulty.stats().errors > 0  # the fault was felt
+    assert load.late == 0
     await replayed(faulty)
     latest = [{"id": id_, "version": load.db.versions[id_]} for id_ in range(ROWS)]
     assert [await load.read(id_) for id_ in range(ROWS)] == latest
