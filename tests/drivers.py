@@ -16,7 +16,6 @@ async backends have their own contract suite.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import functools
 import threading
@@ -30,43 +29,21 @@ from cachekit import AsyncCache
 from cachekit.backends.base import AsyncBackend, Backend
 from cachekit.backends.proxy import InProcessAsync
 from cachekit.backends.redis import AsyncRedisBackend, RedisBackend
+from tests.blocking import EventLoopThread
 
 T = TypeVar("T")
 
-_loops: list[asyncio.AbstractEventLoop] = []
+_loops: list[EventLoopThread] = []
 _started = threading.Lock()
 
 
-def loop() -> asyncio.AbstractEventLoop:
-    """The session's event loop, running on a daemon thread (started on first use)."""
+def call(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the session's event loop (a daemon thread started on first use),
+    in a copy of the caller's context; wait for it."""
     with _started:
         if not _loops:
-            new = asyncio.new_event_loop()
-            threading.Thread(target=new.run_forever, name="test-loop", daemon=True).start()
-            _loops.append(new)
-    return _loops[0]
-
-
-def call(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on the session loop, in a copy of the caller's context; wait for it."""
-    context = contextvars.copy_context()
-    done: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def start() -> None:
-        task = loop().create_task(coro, context=context)
-
-        def settle(task: asyncio.Task[T]) -> None:
-            if task.cancelled():
-                done.cancel()
-            elif (exc := task.exception()) is not None:
-                done.set_exception(exc)
-            else:
-                done.set_result(task.result())
-
-        task.add_done_callback(settle)
-
-    loop().call_soon_threadsafe(start)
-    return done.result()
+            _loops.append(EventLoopThread())
+    return _loops[0].call(coro)
 
 
 def in_thread(func: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:

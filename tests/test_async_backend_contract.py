@@ -11,6 +11,7 @@ connection pool, cancellation at any point) is tested natively below.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import random
 from collections.abc import Awaitable, Callable, Coroutine
@@ -20,6 +21,7 @@ import pytest
 
 from cachekit.backends.base import MISSING, AsyncBackend
 from tests import test_backend_contract as sync_contract
+from tests.blocking import Blocking
 from tests.conftest import Expiry
 
 Key = Callable[[str], str]
@@ -36,24 +38,9 @@ CASES = [
 ]
 
 
-class Blocking:
-    """An async backend seen as a sync one from a worker thread: each call is submitted
-    to ``loop`` as a coroutine and waited for."""
-
-    def __init__(self, inner: AsyncBackend, loop: asyncio.AbstractEventLoop) -> None:
-        self.inner = inner
-        self.loop = loop
-        self.capabilities = inner.capabilities
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(self.inner, name)
-
-        def call(*args: Any) -> Any:
-            coroutine = method(*args)
-            assert inspect.isawaitable(coroutine), f"{name} is not a coroutine"
-            return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(HANG_GUARD)
-
-        return call
+def submit(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """From a worker thread: run ``coroutine`` on the test's own loop and wait for it."""
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(HANG_GUARD)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.__name__.removeprefix("test_") for case in CASES])
@@ -61,7 +48,7 @@ async def test_sync_contract_case(
     case: Callable[..., None], async_backend: AsyncBackend, async_key: Key, async_expiry: Expiry
 ) -> None:
     fixtures = {
-        "backend": Blocking(async_backend, asyncio.get_running_loop()),
+        "backend": Blocking(async_backend, functools.partial(submit, asyncio.get_running_loop())),
         "key": async_key,
         "expiry": async_expiry,
     }

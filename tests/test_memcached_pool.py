@@ -86,7 +86,7 @@ def make_backend(request: pytest.FixtureRequest) -> Iterator[Callable[..., Backe
         if loop is None:
             backend = MemcachedBackend(servers, **options)
         else:
-            backend = Blocking(AsyncMemcachedBackend(servers, **options), loop)
+            backend = Blocking(AsyncMemcachedBackend(servers, **options), loop.call)
         built.append(backend)
         return backend
 
