@@ -110,9 +110,13 @@ class Server:
             time.sleep(0.02)
 
     def pause(self) -> None:
-        """SIGSTOP: the process keeps its sockets (connects still succeed) but answers nothing."""
+        """SIGSTOP: the process keeps its sockets (connects still succeed) but answers
+        nothing. Returns once every thread of it is stopped: on a busy machine the signal
+        takes effect a moment later, and a request sent meanwhile would still be served."""
         self._signal(signal.SIGSTOP)
         self.paused = True
+        if self.pid is not None:
+            _wait_until_stopped(self.pid)
 
     def resume(self) -> None:
         """SIGCONT: the process carries on, then reads whatever was sent meanwhile."""
@@ -340,3 +344,23 @@ def memcached_command(*extra: str, memory_mb: int = 16) -> Command:
         return [path, *user, "-l", HOST, "-p", str(port), "-m", str(memory_mb), "-U", "0", *extra]
 
     return command
+
+
+def _wait_until_stopped(pid: int, guard: float = 30.0) -> None:
+    """Wait until every thread of ``pid`` reports state T (stopped); ``guard`` seconds
+    only guard against a hang."""
+    deadline = time.monotonic() + guard
+    tasks = Path(f"/proc/{pid}/task")
+    while time.monotonic() < deadline:
+        try:
+            states = [
+                (task / "stat").read_text().rsplit(")", 1)[1].split()[0] for task in tasks.iterdir()
+            ]
+        except OSError:  # no /proc, or a thread gone meanwhile: look again (or give up)
+            if not tasks.exists():
+                return
+            continue
+        if all(state == "T" for state in states):
+            return
+        time.sleep(0.001)
+    raise ServerError(f"process {pid} did not stop within {guard} s of SIGSTOP")
