@@ -73,7 +73,6 @@ class MemoryBackend:
             raise ConfigurationError(f"maxsize must be a positive int, got {maxsize!r}")
         self.maxsize = maxsize
         self.eviction = eviction
-        self.stores_objects = not serialize
         if serialize:
             self.capabilities = Capabilities(in_process=True)
         # compare_and_set matches bytes by equality, objects by identity (the contract).
@@ -97,7 +96,7 @@ class MemoryBackend:
 
     def __repr__(self) -> str:
         policy = "" if self.eviction == "lru" else f", eviction={self.eviction!r}"
-        mode = "" if self.stores_objects else ", serialize=True"
+        mode = "" if self.capabilities.stores_objects else ", serialize=True"
         return f"MemoryBackend(maxsize={self.maxsize}{policy}{mode})"
 
     def __len__(self) -> int:
@@ -194,7 +193,7 @@ class MemoryBackend:
             self._policy.remove(key)
 
     def _store(self, key: str, value: Any, ttl: float | None) -> None:
-        if not self.stores_objects and type(value) is not bytes:
+        if not self.capabilities.stores_objects and type(value) is not bytes:
             raise TypeError(
                 f"MemoryBackend(serialize=True) stores bytes, not {type(value).__name__}"
             )
